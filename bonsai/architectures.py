@@ -1,0 +1,103 @@
+"""Which model families Bonsai prunes, and how to reach their prunable modules.
+
+Every supported family has the same decoder layout: `model.model.layers[i].self_attn.{q,k,v,o}_proj` and
+`.mlp.{gate,up,down}_proj`. Families differ in biases (Qwen2 q/k/v), per-head q/k norms (Qwen3, Gemma-3),
+explicit head_dim (Gemma-3, Qwen3) and extra layer norms (Gemma-3); none of those change what a unit is, so one
+adapter serves all and the table below maps each `model_type` to its pruned-checkpoint classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from bonsai.errors import BonsaiError
+from bonsai.remote.modeling_bonsai import EmptyAttention, EmptyMLP
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str  # the stock model_type
+    config_class: str  # in bonsai/remote/configuration_bonsai.py
+    model_class: str  # in bonsai/remote/modeling_bonsai.py
+
+
+FAMILIES = {
+    f.model_type: f
+    for f in (
+        Family("llama", "BonsaiLlamaConfig", "BonsaiLlamaForCausalLM"),
+        Family("mistral", "BonsaiMistralConfig", "BonsaiMistralForCausalLM"),
+        Family("qwen2", "BonsaiQwen2Config", "BonsaiQwen2ForCausalLM"),
+        Family("qwen3", "BonsaiQwen3Config", "BonsaiQwen3ForCausalLM"),
+        Family("gemma3_text", "BonsaiGemma3TextConfig", "BonsaiGemma3ForCausalLM"),
+    )
+}
+# SmolLM2 is a Llama; pruned checkpoints carry `bonsai_<stock type>`.
+PRUNED_TYPES = {f"bonsai_{t}": t for t in FAMILIES}
+
+
+def family_of(config) -> Family:
+    """The family of a (possibly already pruned) model config; unsupported types name the supported ones."""
+    model_type = getattr(config, "model_type", None)
+    stock = PRUNED_TYPES.get(model_type, model_type)
+    if stock not in FAMILIES:
+        raise BonsaiError(
+            f"unsupported architecture {model_type!r}; supported model types: {', '.join(sorted(FAMILIES))}"
+        )
+    return FAMILIES[stock]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    family_of(model.config)
+    return model.model.layers
+
+
+def group_size(config) -> int:
+    """Query heads per KV head (1 without GQA)."""
+    return config.num_attention_heads // config.num_key_value_heads
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def attn_groups(layer: nn.Module, config) -> int:
+    """KV groups currently present in a layer."""
+    attn = layer.self_attn
+    return 0 if isinstance(attn, EmptyAttention) else attn.k_proj.out_features // head_dim(config)
+
+
+def mlp_channels(layer: nn.Module) -> int:
+    mlp = layer.mlp
+    return 0 if isinstance(mlp, EmptyMLP) else mlp.gate_proj.out_features
+
+
+def layer_shapes(model: nn.Module) -> list[dict[str, int]]:
+    """Per-layer unit counts, as recorded in a pruned checkpoint's config (`bonsai_layers`)."""
+    return [
+        {"attn_groups": attn_groups(layer, model.config), "mlp_channels": mlp_channels(layer)}
+        for layer in decoder_layers(model)
+    ]
+
+
+def embedding_params(model: nn.Module) -> int:
+    """Input embedding + LM head parameters (counted once when tied)."""
+    seen: set[int] = set()
+    total = 0
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is None:
+            continue
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total
+
+
+def total_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() yields tied tensors once
+
+
+def non_embedding_params(model: nn.Module) -> int:
+    return total_params(model) - embedding_params(model)

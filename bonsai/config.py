@@ -1,0 +1,150 @@
+"""Typed, validated pruning configuration and the two presets (`paper`, `fast`).
+
+Resolution order: preset defaults < config file < explicit overrides (CLI flags / flow parameters).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bonsai.errors import BonsaiError
+
+PRIORS = ("wanda", "fluctuation", "magnitude", "random")
+UTILITIES = ("ppl", "loss")
+REGRESSIONS = ("lasso_cv", "ridge")
+
+# Knobs a preset fixes; everything else (model, sparsity, data, seed, paths) is per run.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's setting (Dery et al. 2024, Sec. 4): 5% per round, 200 sub-models, 32 full-context windows,
+    # utility = -perplexity, L1-penalised linear regression with k-fold CV on Kendall tau.
+    "paper": {
+        "prior": "wanda",
+        "p_iter": 0.05,
+        "n_samples": 200,
+        "calib_windows": 32,
+        "calib_seq_len": 0,  # 0 = the model's full context
+        "utility": "ppl",
+        "regression": "lasso_cv",
+    },
+    # CPU-friendly defaults: fewer, shorter windows and sub-models, larger rounds, closed-form ridge.
+    "fast": {
+        "prior": "wanda",
+        "p_iter": 0.1,
+        "n_samples": 48,
+        "calib_windows": 8,
+        "calib_seq_len": 128,
+        "utility": "loss",
+        "regression": "ridge",
+    },
+}
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    model: str = "smollm2-135m"
+    sparsity: float = 0.5
+    preset: str = "fast"
+    calib: str = "self"
+    seed: int = 0
+    prior: str = "wanda"
+    p_iter: float = 0.1
+    n_samples: int = 48
+    calib_windows: int = 8
+    calib_seq_len: int = 128
+    utility: str = "loss"
+    regression: str = "ridge"
+    cv_folds: int = 5
+    eval_batch_size: int = 8
+    shard_size: int = 8
+    workers: int = 1
+    self_text_tokens: int = 0  # tokens of self-generated text; 0 = just enough for the windows
+
+    def validate(self) -> PruneConfig:
+        if self.preset not in PRESETS:
+            raise BonsaiError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if not 0.0 < self.sparsity < 1.0:
+            raise BonsaiError(f"sparsity must be in (0, 1), got {self.sparsity}")
+        if self.prior not in PRIORS:
+            raise BonsaiError(f"unknown prior {self.prior!r}; choose one of {', '.join(PRIORS)}")
+        if self.utility not in UTILITIES:
+            raise BonsaiError(f"unknown utility {self.utility!r}; choose one of {', '.join(UTILITIES)}")
+        if self.regression not in REGRESSIONS:
+            raise BonsaiError(
+                f"unknown regression {self.regression!r}; choose one of {', '.join(REGRESSIONS)}"
+            )
+        if not 0.0 < self.p_iter < 0.5:
+            raise BonsaiError(
+                f"p_iter must be in (0, 0.5) so that candidates (2·p_iter) fit, got {self.p_iter}"
+            )
+        if self.n_samples < 2 or self.n_samples % 2:
+            raise BonsaiError(
+                f"n_samples must be an even number >= 2 (antithetic pairs), got {self.n_samples}"
+            )
+        for name in ("calib_windows", "eval_batch_size", "shard_size", "workers", "cv_folds"):
+            if getattr(self, name) < 1:
+                raise BonsaiError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.calib_seq_len < 0 or self.self_text_tokens < 0:
+            raise BonsaiError("calib_seq_len and self_text_tokens must be >= 0")
+        if self.regression == "lasso_cv" and self.cv_folds < 2:
+            raise BonsaiError("lasso_cv needs cv_folds >= 2")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+KNOWN_KEYS = {f.name for f in dataclasses.fields(PruneConfig)}
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON file of config keys (a flat mapping, or one under a top-level `prune:` key)."""
+    p = Path(path)
+    if not p.is_file():
+        raise BonsaiError(f"config file not found: {p}")
+    text = p.read_text()
+    try:
+        if p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # noqa: BLE001 - any parse error is a bad input
+        raise BonsaiError(f"cannot parse config file {p}: {str(e).splitlines()[0]}") from None
+    if isinstance(data, dict) and isinstance(data.get("prune"), dict):
+        data = data["prune"]
+    if not isinstance(data, dict):
+        raise BonsaiError(f"config file {p} must hold a mapping of keys")
+    return data
+
+
+def resolve_config(
+    overrides: dict[str, Any] | None = None, config_file: str | Path | None = None
+) -> PruneConfig:
+    """Preset defaults < config file < overrides (None values in overrides mean 'not given')."""
+    merged: dict[str, Any] = {}
+    if config_file is not None:
+        merged.update(load_config_file(config_file))
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = set(merged) - KNOWN_KEYS
+    if unknown:
+        raise BonsaiError(f"unknown config keys: {', '.join(sorted(unknown))}")
+    preset = merged.get("preset", PruneConfig.preset)
+    if preset not in PRESETS:
+        raise BonsaiError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values = {**PRESETS[preset], **merged}
+    try:
+        cfg = PruneConfig(**values)
+    except TypeError as e:
+        raise BonsaiError(f"bad config: {e}") from None
+    for f in dataclasses.fields(PruneConfig):
+        v = getattr(cfg, f.name)
+        if f.type in ("int", "float") and isinstance(v, bool) or (f.type == "int" and not isinstance(v, int)):
+            raise BonsaiError(f"{f.name} must be an integer, got {v!r}")
+        if f.type == "float" and not isinstance(v, (int, float)):
+            raise BonsaiError(f"{f.name} must be a number, got {v!r}")
+    return cfg.validate()

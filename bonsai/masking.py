@@ -1,0 +1,64 @@
+"""Evaluate sub-models by masking units inside the forward pass (step 4), with no weight copies.
+
+A dropped KV group contributes nothing through o_proj, and a dropped MLP channel nothing through down_proj, so
+zeroing those inputs is exactly the forward of the physically sliced model (tested to 1e-5). Query heads of KV
+group g are heads g·G … g·G+G−1 (the order `repeat_kv` uses), i.e. one contiguous block of o_proj inputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from bonsai.architectures import decoder_layers, group_size, head_dim
+from bonsai.units import ATTN
+
+
+class UnitMasker:
+    """Context manager: `with UnitMasker(model, units) as m: m.set(keep); model(...)`.
+
+    `keep` is a bool vector over the rows of the unit table; `set(None)` restores the dense model. Modules whose
+    units are all kept skip the multiply, so the dense forward pays nothing.
+    """
+
+    def __init__(self, model: nn.Module, units: pd.DataFrame):
+        self.model = model
+        layers = decoder_layers(model)
+        width = {ATTN: group_size(model.config) * head_dim(model.config), "mlp": 1}
+        self._targets: list[tuple[nn.Module, np.ndarray, int]] = []
+        for (layer, kind), rows in units.groupby(["layer", "kind"], sort=True):
+            module = layers[layer].self_attn.o_proj if kind == ATTN else layers[layer].mlp.down_proj
+            self._targets.append((module, rows.sort_values("index")["unit"].to_numpy(), width[kind]))
+        self._masks: dict[int, torch.Tensor | None] = {}
+        self._handles: list = []
+
+    def set(self, keep: np.ndarray | None) -> None:
+        for i, (module, unit_ids, width) in enumerate(self._targets):
+            if keep is None or keep[unit_ids].all():
+                self._masks[i] = None
+                continue
+            per_unit = torch.from_numpy(keep[unit_ids].astype(np.float32))
+            self._masks[i] = per_unit.repeat_interleave(width).to(module.weight.dtype)
+
+    def _hook(self, i: int):
+        def pre_hook(_module, args):
+            mask = self._masks.get(i)
+            if mask is None:
+                return None
+            return (args[0] * mask.to(args[0].device),) + args[1:]
+
+        return pre_hook
+
+    def __enter__(self) -> UnitMasker:
+        self._handles = [
+            m.register_forward_pre_hook(self._hook(i)) for i, (m, _, _) in enumerate(self._targets)
+        ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._masks = {}

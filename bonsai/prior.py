@@ -1,0 +1,127 @@
+"""Step 1: a per-unit prior importance from one forward pass over the calibration windows.
+
+Forward pre-hooks on o_proj and down_proj accumulate, per input feature, the sum and the sum of squares of the
+activations over all tokens. A unit's activation is its block of o_proj inputs (a KV group's query heads) or its
+down_proj input channel.
+- wanda [default]: RMS over tokens of each feature × mean |W| of the weight column it feeds, averaged over the
+  unit's features (for an MLP channel exactly RMS(activation) × mean |column of down|).
+- fluctuation (FLAP): activation variance over tokens × mean squared weight of the column, averaged likewise.
+- magnitude: mean |W| over every weight the unit owns.
+- random: uniform noise from the seed (a baseline).
+The same pass also yields the dense model's per-window loss, so the round's baseline costs no extra forward.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from bonsai.architectures import decoder_layers, group_size, head_dim
+from bonsai.evaluate import window_nll
+from bonsai.units import ATTN, MLP
+
+
+class ActivationStats:
+    """Per-feature running sums of the inputs to o_proj and down_proj of every layer (float64)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.sum: dict[tuple[int, str], torch.Tensor] = {}
+        self.sumsq: dict[tuple[int, str], torch.Tensor] = {}
+        self.tokens = 0
+        self._handles = []
+        for li, layer in enumerate(decoder_layers(model)):
+            for kind, module in (
+                (ATTN, getattr(layer.self_attn, "o_proj", None)),
+                (MLP, getattr(layer.mlp, "down_proj", None)),
+            ):
+                if module is not None:
+                    self._handles.append(module.register_forward_pre_hook(self._hook((li, kind))))
+
+    def _hook(self, key):
+        def pre_hook(_module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            if key not in self.sum:
+                self.sum[key] = torch.zeros(x.shape[-1], dtype=torch.float64)
+                self.sumsq[key] = torch.zeros(x.shape[-1], dtype=torch.float64)
+            self.sum[key] += x.sum(0).cpu()
+            self.sumsq[key] += (x * x).sum(0).cpu()
+
+        return pre_hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def mean(self, key) -> torch.Tensor:
+        return self.sum[key] / self.tokens
+
+    def mean_square(self, key) -> torch.Tensor:
+        return self.sumsq[key] / self.tokens
+
+
+def collect_activation_stats(
+    model: nn.Module, windows: np.ndarray, batch_size: int
+) -> tuple[ActivationStats, np.ndarray]:
+    """One dense pass: activation statistics and the per-window mean NLL of the dense model."""
+    stats = ActivationStats(model)
+    try:
+        nll = window_nll(model, windows, batch_size=batch_size, desc="prior pass")
+    finally:
+        stats.remove()
+    stats.tokens = int(np.prod(np.asarray(windows).shape))  # every hooked projection sees each token once
+    return stats, nll
+
+
+def _per_feature_score(method: str, stats: ActivationStats, key, weight_cols: torch.Tensor) -> torch.Tensor:
+    """Score of each input feature of o_proj/down_proj; weight_cols is W (out × in) of that projection."""
+    w = weight_cols.detach().double().cpu()
+    if method == "wanda":
+        return stats.mean_square(key).sqrt() * w.abs().mean(0)
+    var = (stats.mean_square(key) - stats.mean(key) ** 2).clamp_min(0)
+    return var * (w * w).mean(0)
+
+
+def unit_prior(
+    model: nn.Module, units: pd.DataFrame, method: str, *, stats: ActivationStats | None, seed: int
+) -> np.ndarray:
+    """Prior importance per row of the unit table (higher = more important)."""
+    if method == "random":
+        return np.random.default_rng(seed).random(len(units))
+    layers = decoder_layers(model)
+    width = {ATTN: group_size(model.config) * head_dim(model.config), MLP: 1}
+    prior = np.zeros(len(units), dtype=np.float64)
+    for (li, kind), rows in units.groupby(["layer", "kind"], sort=True):
+        layer = layers[li]
+        order = rows.sort_values("index")
+        if method == "magnitude":
+            scores = _magnitude(layer, kind, len(order), width[kind])
+        else:
+            if stats is None:
+                raise ValueError(f"prior {method!r} needs activation statistics")
+            proj = layer.self_attn.o_proj if kind == ATTN else layer.mlp.down_proj
+            feat = _per_feature_score(method, stats, (li, kind), proj.weight)
+            scores = feat.reshape(len(order), width[kind]).mean(1).numpy()
+        prior[order["unit"].to_numpy()] = scores
+    return prior
+
+
+def _magnitude(layer: nn.Module, kind: str, n: int, width: int) -> np.ndarray:
+    if kind == ATTN:
+        a = layer.self_attn
+        q = a.q_proj.weight.detach().abs().double().reshape(n, -1).sum(1)
+        k = a.k_proj.weight.detach().abs().double().reshape(n, -1).sum(1)
+        v = a.v_proj.weight.detach().abs().double().reshape(n, -1).sum(1)
+        o = a.o_proj.weight.detach().abs().double().T.reshape(n, -1).sum(1)
+        count = a.q_proj.weight[:width].numel() * 2 + 2 * a.k_proj.weight.numel() // n
+        return ((q + k + v + o) / count).numpy()
+    m = layer.mlp
+    total = (
+        m.gate_proj.weight.detach().abs().double().sum(1)
+        + m.up_proj.weight.detach().abs().double().sum(1)
+        + m.down_proj.weight.detach().abs().double().sum(0)
+    )
+    return (total / (3 * m.gate_proj.in_features)).numpy()

@@ -1,0 +1,36 @@
+"""Evaluation flow: perplexity of a model on held-out windows, with KL / top-1 agreement to a reference."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from bonsai.sources import cache_root
+from flows.calibration import calibration_flow
+from tasks.data_tasks import materialize_model_task, record_source
+from tasks.eval_tasks import evaluate_task
+
+
+@flow(name="bonsai-evaluate")
+def evaluation_flow(
+    model: str,
+    data: str = "self",
+    n_windows: int = 32,
+    seq_len: int = 256,
+    seed: int = 0,
+    reference: str | None = None,
+    batch_size: int = 8,
+    json_path: str | None = None,
+    windows_dir: str | None = None,
+) -> dict:
+    """Evaluate `model` on `n_windows` non-overlapping windows of `data`.
+
+    `data="self"` is text sampled from the dense model (the reference, else the pruned model's recorded source),
+    with a seed different from calibration's, so it is held out.
+    """
+    model_ref = materialize_model_task(model)
+    ref_ref = materialize_model_task(reference) if reference else None
+    text_model = reference or (record_source(model_ref["path"]) if data == "self" else None) or model
+    windows = calibration_flow(
+        text_model, data, n_windows, seq_len, seed, "evaluation", windows_dir or str(cache_root() / "windows")
+    )
+    return evaluate_task(model_ref, windows, batch_size, ref_ref, json_path)

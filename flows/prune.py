@@ -1,0 +1,168 @@
+"""The Bonsai pruning loop — the only place it lives. CLI, DVC stages and deployments all run this flow.
+
+prior statistics → antithetic sub-model masks → evaluation shards → importance regression → selection + shrink,
+repeated until the target sparsity. Every step writes an artifact named by its inputs under the work directory,
+so running the same command again after a crash reuses every finished shard and round.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+from tqdm.auto import tqdm
+
+from bonsai import __version__
+from bonsai.artifacts import content_key
+from bonsai.checkpoint import publish_checkpoint
+from bonsai.config import PruneConfig
+from bonsai.errors import BonsaiError
+from bonsai.selection import check_reachable, round_budget
+from flows.calibration import calibration_flow
+from tasks.data_tasks import materialize_model_task
+from tasks.prune_tasks import evaluate_shard_task, prior_task, regression_task, sample_task, shrink_task
+
+SPARSITY_TOLERANCE = 0.005  # the realised sparsity must land within ±0.5 points of the target
+
+
+def _round_markdown(r: int, summary: dict, n0: int) -> str:
+    sparsity = 1 - summary["non_embedding_params"] / n0
+    return (
+        f"### Bonsai round {r}\n\n| sparsity | calibration ppl | attention groups removed | MLP channels removed |\n"
+        f"|---|---|---|---|\n| {sparsity:.2%} | {math.exp(summary['calib_nll']):.3f} | "
+        f"{summary['removed_attn_groups']} | {summary['removed_mlp_channels']} |\n"
+    )
+
+
+@flow(name="bonsai-prune", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def prune_flow(config: PruneConfig, out: str, work_dir: str | None = None, overwrite: bool = False) -> dict:
+    """Prune `config.model` to `config.sparsity` and write a loadable checkpoint to `out`."""
+    cfg = config.validate()
+    log = get_run_logger()
+    started = time.time()
+    work = Path(work_dir or f"{out}.work")
+    if Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
+        raise BonsaiError(f"output directory {out} exists and is not empty; choose another --out")
+    model_ref = materialize_model_task(cfg.model)
+    windows = calibration_flow(
+        cfg.model,
+        cfg.calib,
+        cfg.calib_windows,
+        cfg.calib_seq_len,
+        cfg.seed,
+        "calibration",
+        str(work / "windows"),
+    )
+    knobs = {k: v for k, v in cfg.to_dict().items() if k not in ("model", "sparsity", "workers", "calib")}
+    base_record = {
+        "tool": f"bonsai-prune {__version__}",
+        "method": "bonsai",
+        "preset": cfg.preset,
+        "config": cfg.to_dict(),
+        "seed": cfg.seed,
+        "source_model": cfg.model,
+        "source_sha256": model_ref["sha256"],
+        "calibration": {
+            "source": cfg.calib,
+            "n_windows": windows["n_windows"],
+            "seq_len": windows["seq_len"],
+            "seed": cfg.seed,
+            "windows_sha256": windows["sha256"],
+        },
+    }
+    ckpt, rounds, n0, tol, removed = model_ref, [], None, 0.0, 0
+    forward_tokens, calib_nll_before = 0, None
+    n_shards = math.ceil(cfg.n_samples / cfg.shard_size)
+    max_rounds = math.ceil(cfg.sparsity / cfg.p_iter) + 3
+    bar = tqdm(total=math.ceil(cfg.sparsity / cfg.p_iter), desc="bonsai rounds", unit="round")
+    for r in range(max_rounds):
+        if n0 is not None and round(cfg.sparsity * n0) - removed <= tol:
+            break
+        round_dir = str(work / f"round_{r:02d}-{content_key(ckpt['sha256'], windows['sha256'], knobs, r)}")
+        seed_r = cfg.seed * 1000 + r
+        prior_ref = prior_task(ckpt, windows, cfg.prior, cfg.p_iter, cfg.eval_batch_size, seed_r, round_dir)
+        if n0 is None:
+            n0, calib_nll_before = prior_ref["non_embedding_params"], prior_ref["dense_nll"]
+            total_before = prior_ref["total_params"]
+            tol = prior_ref["min_unit_cost"] / 2
+            check_reachable(prior_ref["removable_params"], 0, n0, cfg.sparsity)
+        budget = round_budget(n0, removed, cfg.sparsity, cfg.p_iter)
+        masks_ref = sample_task(prior_ref, cfg.p_iter, cfg.n_samples, seed_r, round_dir)
+        futures = [
+            evaluate_shard_task.submit(
+                ckpt,
+                windows,
+                masks_ref,
+                k,
+                k * cfg.shard_size,
+                min(cfg.n_samples, (k + 1) * cfg.shard_size),
+                cfg.utility,
+                cfg.eval_batch_size,
+                round_dir,
+            )
+            for k in range(n_shards)
+        ]
+        shard_refs = [f.result() for f in futures]
+        reused = sum(s["reused"] for s in shard_refs)
+        log.info("round %d: %d of %d shards reused", r, reused, n_shards)
+        importance_ref = regression_task(
+            prior_ref, masks_ref, shard_refs, cfg.regression, cfg.cv_folds, seed_r, round_dir
+        )
+        record = {**base_record, "round": r, "rounds": rounds}
+        new_ckpt = shrink_task(ckpt, importance_ref, budget, windows, cfg.eval_batch_size, round_dir, record)
+        summary = new_ckpt["round_summary"]
+        if summary["non_embedding_params"] >= prior_ref["non_embedding_params"]:
+            raise BonsaiError(
+                f"round {r} removed nothing (budget {budget:,} parameters); lower p_iter or the target"
+            )
+        ckpt, rounds = new_ckpt, new_ckpt["rounds"]
+        removed = n0 - summary["non_embedding_params"]
+        forward_tokens += prior_ref["tokens"] * (cfg.n_samples + 2)  # prior pass + sub-models + check pass
+        create_markdown_artifact(
+            _round_markdown(r, summary, n0), key=f"bonsai-round-{r}", description=f"Bonsai round {r}"
+        )
+        bar.update(1)
+        bar.set_postfix(sparsity=f"{removed / n0:.3f}", ppl=f"{math.exp(summary['calib_nll']):.2f}")
+    bar.close()
+    if n0 is None:
+        raise BonsaiError("no pruning round ran")
+    realised = removed / n0
+    if abs(realised - cfg.sparsity) > SPARSITY_TOLERANCE:
+        raise BonsaiError(
+            f"realised sparsity {realised:.4f} misses the target {cfg.sparsity} by more than 0.5 points"
+        )
+    final = rounds[-1]
+    summary = {
+        "out": str(Path(out).resolve()),
+        "source_model": cfg.model,
+        "target_sparsity": cfg.sparsity,
+        "sparsity": realised,
+        "non_embedding_params_before": n0,
+        "non_embedding_params_after": final["non_embedding_params"],
+        "total_params_before": total_before,
+        "total_params_after": final["total_params"],
+        "total_sparsity": 1 - final["total_params"] / total_before,
+        "calib_ppl_before": math.exp(calib_nll_before),
+        "calib_ppl_after": math.exp(final["calib_nll"]),
+        "rounds": len(rounds),
+        "forward_tokens": forward_tokens,
+        "wall_seconds": time.time() - started,
+    }
+    publish_checkpoint(ckpt["path"], out, {"summary": summary}, overwrite=overwrite)
+    create_markdown_artifact(
+        "### Bonsai summary\n\n| key | value |\n|---|---|\n"
+        + "".join(f"| {k} | {v} |\n" for k, v in summary.items()),
+        key="bonsai-summary",
+        description="Bonsai prune summary",
+    )
+    return summary
+
+
+def run_prune(cfg: PruneConfig, out: str, work_dir: str | None = None, overwrite: bool = False) -> dict:
+    """Run the flow with as many shard workers as the config asks for."""
+    runner = ThreadPoolTaskRunner(max_workers=cfg.workers)
+    return prune_flow.with_options(task_runner=runner)(cfg, out, work_dir=work_dir, overwrite=overwrite)

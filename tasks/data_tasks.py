@@ -1,0 +1,52 @@
+"""Prefect tasks that materialise the model and the token windows as files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from bonsai.artifacts import content_key, record_artifact
+from bonsai.checkpoint import is_pruned_checkpoint, load_for_pruning, read_record, sha256_file
+from bonsai.data import prepare_windows, save_windows
+from bonsai.sources import model_fingerprint, resolve_model_source
+from tasks.prune_tasks import TASK_OPTS, _reuse
+
+
+@task(**TASK_OPTS)
+def materialize_model_task(source: str) -> dict:
+    """Resolve a hub id / local dir / GGUF / alias to a local safetensors directory and its content hash."""
+    path = resolve_model_source(source)
+    return {"path": str(path), "sha256": model_fingerprint(path), "source": source}
+
+
+def _source_digest(source: str) -> str:
+    p = Path(source)
+    return sha256_file(p) if p.is_file() else source
+
+
+@task(**TASK_OPTS)
+def prepare_windows_task(
+    model: dict, source: str, n_windows: int, seq_len: int, seed: int, purpose: str, out_dir: str
+) -> dict:
+    """Token windows (Parquet) for calibration or evaluation; `self` samples text from `model`."""
+    key = content_key(model["sha256"], _source_digest(source), n_windows, seq_len, seed, purpose)
+    path = Path(out_dir) / f"{purpose}-{key}.parquet"
+    sha = _reuse(path, f"{purpose} windows")
+    if sha is None:
+        loaded, tokenizer, _ = load_for_pruning(model["path"])
+        if tokenizer is None:
+            raise FileNotFoundError(f"model {model['path']} has no tokenizer files")
+        if is_pruned_checkpoint(model["path"]) and source == "self":
+            get_run_logger().warning("self-generated %s text comes from the pruned model itself", purpose)
+        windows, meta = prepare_windows(
+            source, tokenizer, n_windows=n_windows, seq_len=seq_len, seed=seed, purpose=purpose, model=loaded
+        )
+        save_windows(path, windows, meta)
+        sha = record_artifact(path)
+    return {"path": str(path), "sha256": sha, "n_windows": n_windows, "seq_len": seq_len, "source": source}
+
+
+def record_source(path: str) -> str | None:
+    """The source model a pruned checkpoint came from (None for an unpruned model)."""
+    return read_record(path).get("source_model") if is_pruned_checkpoint(path) else None

@@ -1,0 +1,43 @@
+"""Prefect task: perplexity (and faithfulness to a reference) of a model on stored windows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from prefect import task
+
+from bonsai.artifacts import write_table
+from bonsai.checkpoint import load_for_pruning, write_json_atomic
+from bonsai.data import load_windows
+from bonsai.evaluate import evaluation_summary
+from tasks.prune_tasks import TASK_OPTS
+
+
+@task(**TASK_OPTS)
+def evaluate_task(
+    model: dict, windows: dict, batch_size: int, reference: dict | None = None, json_path: str | None = None
+) -> dict:
+    """Metrics dict; with `json_path`, also the metrics JSON and a per-window Parquet beside it."""
+    loaded, _, _ = load_for_pruning(model["path"])
+    ref = load_for_pruning(reference["path"])[0] if reference else None
+    win, _ = load_windows(windows["path"])
+    summary = evaluation_summary(loaded, win, batch_size=batch_size, reference=ref)
+    per_window = summary.pop("per_window")
+    metrics = {
+        **summary,
+        "model": model["source"],
+        "model_sha256": model["sha256"],
+        "data": windows["source"],
+        "windows_sha256": windows["sha256"],
+        "reference": reference["source"] if reference else None,
+    }
+    if json_path:
+        out = Path(json_path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_table(
+            pd.DataFrame({"window": range(len(per_window)), "nll": per_window}),
+            out.with_suffix(".windows.parquet"),
+        )
+        write_json_atomic(out, metrics)
+    return metrics

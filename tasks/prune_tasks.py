@@ -1,0 +1,237 @@
+"""Prefect tasks of one Bonsai round. Thin wrappers over `bonsai` functions.
+
+Each task reads its inputs from files, writes one artifact (Parquet table or checkpoint directory) under a name
+derived from its inputs, and returns a small dict: `path`, `sha256` and a few scalars. Tensors never travel
+between tasks. A task whose artifact already exists intact (size + hash check) returns it without recomputing,
+which is what makes an interrupted prune resumable shard by shard.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from tqdm.auto import tqdm
+
+from bonsai.architectures import non_embedding_params, total_params
+from bonsai.artifacts import discard, read_table, record_artifact, verified_sha, write_table
+from bonsai.checkpoint import load_for_pruning, read_record, save_pruned
+from bonsai.data import load_windows
+from bonsai.evaluate import mean_nll, window_nll
+from bonsai.masking import UnitMasker
+from bonsai.prior import collect_activation_stats, unit_prior
+from bonsai.regression import estimate_importance
+from bonsai.sampling import candidate_mask, sample_masks
+from bonsai.selection import removable_params, select_removals
+from bonsai.shrink import shrink_model
+from bonsai.units import ATTN, MLP, unit_table
+
+TASK_OPTS = dict(cache_policy=NO_CACHE, persist_result=False)
+
+
+def _reuse(path: Path, what: str) -> str | None:
+    """sha256 of an intact finished artifact, else None (and any partial leftover is removed)."""
+    sha = verified_sha(path)
+    if sha is not None:
+        get_run_logger().info("reused %s: %s", what, path)
+        return sha
+    if path.exists():
+        get_run_logger().warning("recomputing %s: %s is incomplete or corrupt", what, path)
+        discard(path)
+    return None
+
+
+@lru_cache(maxsize=1)
+def _checkpoint(path: str, sha: str):
+    """The model of a checkpoint, loaded once per process (keyed by content hash, never passed between tasks)."""
+    return load_for_pruning(path)
+
+
+@lru_cache(maxsize=2)
+def _windows(path: str, sha: str) -> np.ndarray:
+    return load_windows(path)[0]
+
+
+def _units(path: str, sha: str) -> pd.DataFrame:
+    model, _, kept = _checkpoint(path, sha)
+    return unit_table(model, kept)
+
+
+@task(**TASK_OPTS)
+def prior_task(
+    ckpt: dict, windows: dict, prior: str, p_iter: float, batch_size: int, seed: int, round_dir: str
+) -> dict:
+    """Step 1-2: activation statistics in one dense pass → prior per unit, this round's candidates."""
+    path = Path(round_dir) / "prior.parquet"
+    sha = _reuse(path, "prior table")
+    if sha is None:
+        model, _, kept = _checkpoint(ckpt["path"], ckpt["sha256"])
+        units = unit_table(model, kept)
+        stats, nll = collect_activation_stats(model, _windows(windows["path"], windows["sha256"]), batch_size)
+        units["prior"] = unit_prior(model, units, prior, stats=stats, seed=seed)
+        units["candidate"] = candidate_mask(units, units["prior"].to_numpy(), p_iter)
+        meta = {
+            "dense_nll": float(nll.mean()),
+            "non_embedding_params": non_embedding_params(model),
+            "total_params": total_params(model),
+            "tokens": int(_windows(windows["path"], windows["sha256"]).size),
+            "removable_params": removable_params(units),
+            "min_unit_cost": int(units["cost"].min()),
+        }
+        sha = write_table(units, path, meta)
+    _, meta = read_table(path)
+    return {"path": str(path), "sha256": sha, **meta}
+
+
+@task(**TASK_OPTS)
+def sample_task(prior_ref: dict, p_iter: float, n_samples: int, seed: int, round_dir: str) -> dict:
+    """Step 3: antithetic sub-model masks, one row per sub-model (packed keep-bitmap over all units)."""
+    path = Path(round_dir) / "masks.parquet"
+    sha = _reuse(path, "mask table")
+    if sha is None:
+        units, _ = read_table(prior_ref["path"])
+        keep = sample_masks(
+            units, units["prior"].to_numpy(), units["candidate"].to_numpy(), p_iter, n_samples, seed
+        )
+        table = pd.DataFrame(
+            {
+                "sample": np.arange(n_samples, dtype=np.int32),
+                "pair": np.arange(n_samples, dtype=np.int32) // 2,
+                "n_dropped": (~keep).sum(1).astype(np.int32),
+                "keep_bits": [np.packbits(row).tobytes() for row in keep],
+            }
+        )
+        sha = write_table(table, path, {"n_units": len(units), "seed": seed})
+    return {"path": str(path), "sha256": sha, "n_samples": n_samples}
+
+
+def read_keep_masks(masks_path: str) -> np.ndarray:
+    table, meta = read_table(masks_path)
+    bits = np.stack([np.frombuffer(b, dtype=np.uint8) for b in table["keep_bits"]])
+    return np.unpackbits(bits, axis=1, count=meta["n_units"]).astype(bool)
+
+
+@task(**TASK_OPTS)
+def evaluate_shard_task(
+    ckpt: dict,
+    windows: dict,
+    masks_ref: dict,
+    shard: int,
+    start: int,
+    stop: int,
+    utility: str,
+    batch_size: int,
+    round_dir: str,
+) -> dict:
+    """Step 4: utilities of sub-models [start, stop) — masked forwards over the round's windows."""
+    path = Path(round_dir) / "shards" / f"shard_{shard:04d}.parquet"
+    sha = _reuse(path, f"shard {shard}")
+    reused = sha is not None
+    if sha is None:
+        model, _, kept = _checkpoint(ckpt["path"], ckpt["sha256"])
+        units = unit_table(model, kept)
+        keep = read_keep_masks(masks_ref["path"])
+        win = _windows(windows["path"], windows["sha256"])
+        rows = []
+        with UnitMasker(model, units) as masker:
+            for s in tqdm(range(start, stop), desc=f"{Path(round_dir).name} shard {shard}", leave=False):
+                masker.set(keep[s])
+                t0 = time.perf_counter()
+                nll = mean_nll(model, win, batch_size=batch_size, desc=None)
+                u = -float(np.exp(nll)) if utility == "ppl" else -nll
+                rows.append((s, u, nll, time.perf_counter() - t0))
+        table = pd.DataFrame(rows, columns=["sample", "utility", "mean_nll", "seconds"])
+        table["sample"] = table["sample"].astype(np.int32)
+        sha = write_table(table, path, {"tokens": int(win.size) * (stop - start)})
+    return {"path": str(path), "sha256": sha, "shard": shard, "reused": reused}
+
+
+@task(**TASK_OPTS)
+def regression_task(
+    prior_ref: dict,
+    masks_ref: dict,
+    shard_refs: list[dict],
+    method: str,
+    cv_folds: int,
+    seed: int,
+    round_dir: str,
+) -> dict:
+    """Step 5: per-unit importance β from (mask, utility) pairs; candidates only (others never vary)."""
+    path = Path(round_dir) / "importance.parquet"
+    sha = _reuse(path, "importance table")
+    if sha is None:
+        units, _ = read_table(prior_ref["path"])
+        keep = read_keep_masks(masks_ref["path"])
+        scores = pd.concat([read_table(r["path"])[0] for r in shard_refs]).sort_values("sample")
+        if len(scores) != len(keep) or not np.array_equal(scores["sample"].to_numpy(), np.arange(len(keep))):
+            raise RuntimeError("shard results do not cover every sub-model exactly once")
+        cand = units["candidate"].to_numpy()
+        beta = np.full(len(units), np.nan)
+        beta[cand] = estimate_importance(
+            keep[:, cand],
+            scores["utility"].to_numpy(),
+            method,
+            seed=seed,
+            cv_folds=cv_folds,
+            prior=units["prior"].to_numpy()[cand],
+        )
+        units["beta"] = beta
+        sha = write_table(units, path, {"method": method})
+    return {"path": str(path), "sha256": sha}
+
+
+@task(**TASK_OPTS)
+def shrink_task(
+    ckpt: dict,
+    importance_ref: dict,
+    budget: int,
+    windows: dict,
+    batch_size: int,
+    round_dir: str,
+    record: dict,
+) -> dict:
+    """Steps 6-7: remove the lowest-β candidates up to the parameter budget and slice the weights."""
+    path = Path(round_dir) / f"checkpoint-{budget}"
+    sha = _reuse(path, "round checkpoint")
+    if sha is None:
+        units, _ = read_table(importance_ref["path"])
+        model, tokenizer, kept = load_for_pruning(ckpt["path"])  # a private copy: it is modified in place
+        if not unit_table(model, kept)[["layer", "kind", "index", "cost"]].equals(
+            units[["layer", "kind", "index", "cost"]]
+        ):
+            raise RuntimeError(
+                f"unit table {importance_ref['path']} does not match checkpoint {ckpt['path']}"
+            )
+        beta = units["beta"].fillna(np.inf).to_numpy()
+        remove = select_removals(units, beta, units["candidate"].to_numpy(), budget)
+        new_kept = shrink_model(model, units, remove, kept)
+        calib_nll = float(
+            window_nll(
+                model,
+                _windows(windows["path"], windows["sha256"]),
+                batch_size,
+                desc="calibration after round",
+            ).mean()
+        )
+        removed = units[remove].groupby("kind").size().to_dict()
+        rounds = [
+            *record.get("rounds", []),
+            {
+                "round": record["round"],
+                "budget": budget,
+                "non_embedding_params": non_embedding_params(model),
+                "total_params": total_params(model),
+                "calib_nll": calib_nll,
+                "removed_attn_groups": int(removed.get(ATTN, 0)),
+                "removed_mlp_channels": int(removed.get(MLP, 0)),
+            },
+        ]
+        save_pruned(model, tokenizer, path, {**record, "rounds": rounds, "kept_units": new_kept})
+        sha = record_artifact(path)
+    rec = read_record(path)
+    return {"path": str(path), "sha256": sha, "round_summary": rec["rounds"][-1], "rounds": rec["rounds"]}
