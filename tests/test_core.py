@@ -1,0 +1,199 @@
+"""Core library on random tiny models of every supported family: masking, slicing, costs, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import TINY_CONFIGS, tiny_model
+
+from bonsai.architectures import family_of, non_embedding_params, total_params
+from bonsai.checkpoint import load_pruned_model, save_pruned, sha256_file
+from bonsai.errors import BonsaiError
+from bonsai.masking import UnitMasker
+from bonsai.prior import collect_activation_stats, unit_prior
+from bonsai.sampling import candidate_mask, module_counts, sample_masks
+from bonsai.selection import check_reachable, round_budget, select_removals
+from bonsai.shrink import shrink_model
+from bonsai.units import ATTN, MLP, full_kept, unit_table
+
+FAMILIES = sorted(TINY_CONFIGS)
+FRESH_LOAD = Path(__file__).with_name("fresh_load.py")
+
+
+def _random_keep(units, seed, empty_module=(1, ATTN)):
+    keep = np.random.default_rng(seed).random(len(units)) > 0.4
+    layer, kind = empty_module
+    keep[units.index[(units.layer == layer) & (units.kind == kind)]] = False  # one module loses every unit
+    return keep
+
+
+def _expected_drop(units, remove):
+    drop = int(units.cost[remove].sum())
+    for _, rows in units.groupby(["layer", "kind"]):
+        if remove[rows.unit].all():
+            drop += int(rows.residual.iloc[0])
+    return drop
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("empty_module", [(1, ATTN), (0, MLP)])
+def test_masked_forward_equals_sliced_forward_and_costs_match(family, empty_module):
+    model = tiny_model(family)
+    units = unit_table(model)
+    keep = _random_keep(units, seed=1, empty_module=empty_module)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), UnitMasker(model, units) as masker:
+        masker.set(keep)
+        masked = model(ids).logits
+        masker.set(None)
+        dense = model(ids).logits
+    before = total_params(model)
+    shrink_model(model, units, ~keep, full_kept(model))
+    with torch.no_grad():
+        sliced = model(ids).logits
+    assert (masked - sliced).abs().max().item() <= 1e-5
+    assert (dense - sliced).abs().max().item() > 1e-3  # the mask really changed the function
+    assert before - total_params(model) == _expected_drop(units, ~keep)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_checkpoint_round_trip_and_generate(family, tmp_path):
+    model = tiny_model(family)
+    units = unit_table(model)
+    keep = _random_keep(units, seed=2)
+    kept = shrink_model(model, units, ~keep, full_kept(model))
+    out = save_pruned(model, None, tmp_path / "pruned", {"kept_units": kept})
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == f"bonsai_{family}"
+    assert cfg["bonsai_layers"][1]["attn_groups"] == 0
+    reloaded = load_pruned_model(out)
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)
+        assert total_params(reloaded) == total_params(model)
+        # cached incremental decoding equals the full forward (the emptied layer keeps the cache in step)
+        reloaded.generation_config.eos_token_id = None  # generate all 6 tokens, no EOS suppression needed
+        gen = reloaded.generate(ids, max_new_tokens=6, do_sample=False)
+        full = reloaded(gen).logits[0, ids.shape[1] - 1 : -1].argmax(-1)
+    assert torch.equal(full, gen[0, ids.shape[1] :])
+
+
+def test_fresh_process_loads_with_only_transformers(tmp_path):
+    """A pruned directory loads with trust_remote_code in a process that cannot import this project."""
+    model = tiny_model("qwen3")
+    units = unit_table(model)
+    shrink_model(model, units, ~_random_keep(units, seed=3), full_kept(model))
+    out = save_pruned(model, None, tmp_path / "pruned", {})
+    res = subprocess.run([sys.executable, str(FRESH_LOAD), str(out), "--no-tokenizer"], capture_output=True,
+                         text=True, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    assert info["params"] == total_params(model)
+    assert info["class"] == "BonsaiQwen3ForCausalLM"
+    assert info["generated"] > 0
+
+
+def test_unsupported_architecture_names_supported_ones():
+    from transformers import GPT2Config
+
+    with pytest.raises(BonsaiError, match="supported model types: gemma3_text, llama, mistral, qwen2, qwen3"):
+        family_of(GPT2Config())
+
+
+def test_prior_scores_are_finite_and_random_is_seeded():
+    model = tiny_model("llama")
+    units = unit_table(model)
+    windows = np.random.default_rng(0).integers(0, 96, size=(3, 16))
+    stats, nll = collect_activation_stats(model, windows, batch_size=2)
+    assert nll.shape == (3,)
+    for method in ("wanda", "fluctuation", "magnitude"):
+        prior = unit_prior(model, units, method, stats=stats, seed=0)
+        assert np.isfinite(prior).all() and (prior > 0).all()
+    a = unit_prior(model, units, "random", stats=None, seed=5)
+    assert np.array_equal(a, unit_prior(model, units, "random", stats=None, seed=5))
+    assert not np.array_equal(a, unit_prior(model, units, "random", stats=None, seed=6))
+
+
+def test_wanda_prior_of_mlp_channel_is_rms_times_mean_abs_column():
+    model = tiny_model("llama")
+    units = unit_table(model)
+    windows = np.random.default_rng(0).integers(0, 96, size=(2, 8))
+    captured = []
+    handle = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+    stats, _ = collect_activation_stats(model, windows, batch_size=2)
+    handle.remove()
+    x = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured]).double()
+    w = model.model.layers[0].mlp.down_proj.weight.detach().double()
+    expected = (x.pow(2).mean(0).sqrt() * w.abs().mean(0)).numpy()
+    prior = unit_prior(model, units, "wanda", stats=stats, seed=0)
+    rows = units[(units.layer == 0) & (units.kind == MLP)].sort_values("index")
+    np.testing.assert_allclose(prior[rows.unit.to_numpy()], expected, rtol=1e-6)
+
+
+def test_candidates_and_antithetic_pairs():
+    model = tiny_model("llama")
+    units = unit_table(model)
+    prior = np.random.default_rng(0).random(len(units))
+    cand = candidate_mask(units, prior, p_iter=0.1)
+    for _, rows in units.groupby(["layer", "kind"]):
+        n_cand, _ = module_counts(len(rows), 0.1)
+        ids = rows.unit.to_numpy()
+        assert cand[ids].sum() == n_cand
+        assert prior[ids][cand[ids]].max() <= prior[ids][~cand[ids]].min()  # candidates have the lowest prior
+    keep = sample_masks(units, prior, cand, 0.1, n_samples=10, seed=0)
+    assert keep[:, ~cand].all()  # non-candidates are never dropped
+    pair_drops = ~keep[0::2] | ~keep[1::2]
+    assert (pair_drops[:, cand]).all()  # each pair drops every candidate exactly once between its two halves
+    assert not (~keep[0::2] & ~keep[1::2]).any()
+    assert np.array_equal(keep, sample_masks(units, prior, cand, 0.1, n_samples=10, seed=0))
+    assert not np.array_equal(keep, sample_masks(units, prior, cand, 0.1, n_samples=10, seed=1))
+
+
+def test_selection_is_cost_aware_and_lands_near_budget():
+    model = tiny_model("llama")
+    units = unit_table(model)
+    beta = np.random.default_rng(0).random(len(units))
+    cand = np.ones(len(units), dtype=bool)
+    n0 = non_embedding_params(model)
+    budget = round_budget(n0, 0, target_sparsity=0.3, p_iter=0.3)
+    remove = select_removals(units, beta, cand, budget)
+    removed = _expected_drop(units, remove)
+    assert abs(removed - budget) <= units.cost.min() / 2 + 1
+    assert round_budget(n0, removed_so_far=int(0.25 * n0), target_sparsity=0.3, p_iter=0.1) == round(0.3 * n0) - int(
+        0.25 * n0
+    )
+    # a lower beta is removed before a higher one of the same cost
+    mlp = units[units.kind == MLP].unit.to_numpy()
+    chosen = remove[mlp]
+    if chosen.any() and (~chosen).any():
+        assert beta[mlp][chosen].max() <= beta[mlp][~chosen].min() or remove[units.kind == ATTN].any()
+
+
+def test_unreachable_target_is_refused():
+    with pytest.raises(BonsaiError, match="cannot be reached without removing every unit"):
+        check_reachable(removable=900, removed_so_far=0, original_non_embedding=1000, target_sparsity=0.95)
+    check_reachable(removable=900, removed_so_far=0, original_non_embedding=1000, target_sparsity=0.5)
+
+
+def test_save_is_deterministic(tmp_path):
+    paths = []
+    for i in range(2):
+        model = tiny_model("mistral", seed=7)
+        units = unit_table(model)
+        shrink_model(model, units, ~_random_keep(units, seed=4), full_kept(model))
+        paths.append(save_pruned(model, None, tmp_path / f"p{i}", {}))
+    assert sha256_file(paths[0] / "model.safetensors") == sha256_file(paths[1] / "model.safetensors")
+
+
+def test_existing_output_is_not_overwritten(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    with pytest.raises(BonsaiError, match="exists and is not empty"):
+        save_pruned(tiny_model("llama"), None, tmp_path / "out", {})
+    assert (tmp_path / "out" / "keep.txt").exists()
