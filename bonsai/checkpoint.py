@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -133,7 +134,7 @@ def load_pruned_model(path: str | Path, *, dtype: torch.dtype = torch.float32) -
 
     path = Path(path)
     cfg = json.loads((path / "config.json").read_text())
-    family = family_of(type("Cfg", (), {"model_type": cfg.get("model_type")}))
+    family = family_of(SimpleNamespace(model_type=cfg.get("model_type")))
     config_cls = getattr(configuration_bonsai, family.config_class)
     model_cls = getattr(modeling_bonsai, family.model_class)
     config = config_cls.from_pretrained(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -100,7 +101,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
         )
     from flows.prune import run_prune
 
-    summary = run_prune(cfg, args.out, work_dir=str(work), overwrite=args.overwrite)
+    fresh_work = not work.exists()
+    try:
+        summary = run_prune(cfg, args.out, work_dir=str(work), overwrite=args.overwrite)
+    except BonsaiError:
+        # a bad input found before any round finished leaves nothing behind; finished rounds are always kept
+        if fresh_work and work.is_dir() and not any(work.glob("round_*/checkpoint-*.sha256")):
+            shutil.rmtree(work)
+        raise
     _print_summary(summary)
     return 0
 

@@ -1,8 +1,9 @@
 """Steps 2-3: choose this round's candidate units and sample sub-models as antithetic pairs.
 
-Per module (one layer's attention or MLP), the units with the lowest prior — a share 2·p_iter of the module —
-are candidates; the rest stay in every sub-model. Each pair of sub-models: the first drops a prior-weighted
-sample of about p_iter of the module's units from its candidates (probability ∝ max prior − prior, so weak
+Per module (one layer's attention or MLP), the units with the lowest prior — a share 2·p of the module, where p
+is the round's share of the current model (p_iter of the original size, so p grows as the model shrinks) — are
+candidates; the rest stay in every sub-model. Each pair of sub-models: the first drops a prior-weighted
+sample of about p of the module's units from its candidates (probability ∝ max prior − prior, so weak
 units are dropped more often), its partner drops the remaining candidates. Pairs make every candidate appear
 dropped and kept equally often, which decorrelates the regression's columns.
 """
@@ -20,25 +21,25 @@ def _module_groups(units: pd.DataFrame):
         yield rows["unit"].to_numpy()
 
 
-def module_counts(n_units: int, p_iter: float) -> tuple[int, int]:
+def module_counts(n_units: int, p_round: float) -> tuple[int, int]:
     """(candidates, dropped by the first sub-model of a pair) for a module of n_units."""
-    n_cand = min(n_units, max(1, math.ceil(2 * p_iter * n_units)))
-    n_drop = min(n_cand, max(1, round(p_iter * n_units)))
+    n_cand = min(n_units, max(1, math.ceil(2 * p_round * n_units)))
+    n_drop = min(n_cand, max(1, round(p_round * n_units)))
     return n_cand, n_drop
 
 
-def candidate_mask(units: pd.DataFrame, prior: np.ndarray, p_iter: float) -> np.ndarray:
+def candidate_mask(units: pd.DataFrame, prior: np.ndarray, p_round: float) -> np.ndarray:
     """Bool per unit: True for this round's candidates (lowest prior per module; ties by position)."""
     cand = np.zeros(len(units), dtype=bool)
     for ids in _module_groups(units):
-        n_cand, _ = module_counts(len(ids), p_iter)
+        n_cand, _ = module_counts(len(ids), p_round)
         order = ids[np.lexsort((ids, prior[ids]))]
         cand[order[:n_cand]] = True
     return cand
 
 
 def sample_masks(
-    units: pd.DataFrame, prior: np.ndarray, candidates: np.ndarray, p_iter: float, n_samples: int, seed: int
+    units: pd.DataFrame, prior: np.ndarray, candidates: np.ndarray, p_round: float, n_samples: int, seed: int
 ) -> np.ndarray:
     """(n_samples, n_units) bool keep-masks; rows 2k and 2k+1 are an antithetic pair."""
     rng = np.random.default_rng(seed)
@@ -48,7 +49,7 @@ def sample_masks(
         cand_ids = ids[candidates[ids]]
         if len(cand_ids) == 0:
             continue
-        _, n_drop = module_counts(len(ids), p_iter)
+        _, n_drop = module_counts(len(ids), p_round)
         p = prior[cand_ids]
         weight = (p.max() - p) + 1e-9 * (np.abs(p).max() + 1.0)  # every candidate keeps a chance
         modules.append((cand_ids, min(n_drop, len(cand_ids)), weight / weight.sum()))

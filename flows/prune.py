@@ -82,16 +82,19 @@ def prune_flow(config: PruneConfig, out: str, work_dir: str | None = None, overw
     for r in range(max_rounds):
         if n0 is not None and round(cfg.sparsity * n0) - removed <= tol:
             break
-        round_dir = str(work / f"round_{r:02d}-{content_key(ckpt['sha256'], windows['sha256'], knobs, r)}")
+        # this round's share of the current model: p_iter of the original size, clipped at the target
+        p_round = min(cfg.p_iter, cfg.sparsity) if n0 is None else round_budget(
+            n0, removed, cfg.sparsity, cfg.p_iter) / rounds[-1]["non_embedding_params"]
+        round_dir = str(work / f"round_{r:02d}-{content_key(ckpt['sha256'], windows['sha256'], knobs, r, p_round)}")
         seed_r = cfg.seed * 1000 + r
-        prior_ref = prior_task(ckpt, windows, cfg.prior, cfg.p_iter, cfg.eval_batch_size, seed_r, round_dir)
+        prior_ref = prior_task(ckpt, windows, cfg.prior, p_round, cfg.eval_batch_size, seed_r, round_dir)
         if n0 is None:
             n0, calib_nll_before = prior_ref["non_embedding_params"], prior_ref["dense_nll"]
             total_before = prior_ref["total_params"]
             tol = prior_ref["min_unit_cost"] / 2
             check_reachable(prior_ref["removable_params"], 0, n0, cfg.sparsity)
         budget = round_budget(n0, removed, cfg.sparsity, cfg.p_iter)
-        masks_ref = sample_task(prior_ref, cfg.p_iter, cfg.n_samples, seed_r, round_dir)
+        masks_ref = sample_task(prior_ref, p_round, cfg.n_samples, seed_r, round_dir)
         futures = [
             evaluate_shard_task.submit(
                 ckpt,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
 from prefect import get_run_logger, task
 
+from bonsai.architectures import family_of
 from bonsai.artifacts import content_key, record_artifact
 from bonsai.checkpoint import is_pruned_checkpoint, load_for_pruning, read_record, sha256_file
 from bonsai.data import prepare_windows, save_windows
@@ -17,6 +20,7 @@ from tasks.prune_tasks import TASK_OPTS, _reuse
 def materialize_model_task(source: str) -> dict:
     """Resolve a hub id / local dir / GGUF / alias to a local safetensors directory and its content hash."""
     path = resolve_model_source(source)
+    family_of(SimpleNamespace(**json.loads((path / "config.json").read_text())))  # unsupported: fail before work
     return {"path": str(path), "sha256": model_fingerprint(path), "source": source}
 
 

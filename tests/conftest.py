@@ -41,3 +41,14 @@ def wiki_test_raw() -> Path:
 @pytest.fixture(scope="session")
 def zeroshot_dir() -> Path:
     return _shared_path("assets/zeroshot")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API for the whole test session (starting one takes ~15 s)."""
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -140,7 +140,7 @@ def test_candidates_and_antithetic_pairs():
     model = tiny_model("llama")
     units = unit_table(model)
     prior = np.random.default_rng(0).random(len(units))
-    cand = candidate_mask(units, prior, p_iter=0.1)
+    cand = candidate_mask(units, prior, p_round=0.1)
     for _, rows in units.groupby(["layer", "kind"]):
         n_cand, _ = module_counts(len(rows), 0.1)
         ids = rows.unit.to_numpy()
