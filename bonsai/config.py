@@ -61,7 +61,6 @@ class PruneConfig:
     eval_batch_size: int = 8
     shard_size: int = 8
     workers: int = 1
-    self_text_tokens: int = 0  # tokens of self-generated text; 0 = just enough for the windows
 
     def validate(self) -> PruneConfig:
         if self.preset not in PRESETS:
@@ -87,8 +86,8 @@ class PruneConfig:
         for name in ("calib_windows", "eval_batch_size", "shard_size", "workers", "cv_folds"):
             if getattr(self, name) < 1:
                 raise BonsaiError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.calib_seq_len < 0 or self.self_text_tokens < 0:
-            raise BonsaiError("calib_seq_len and self_text_tokens must be >= 0")
+        if self.calib_seq_len < 0:
+            raise BonsaiError(f"calib_seq_len must be >= 0 (0 = full context), got {self.calib_seq_len}")
         if self.regression == "lasso_cv" and self.cv_folds < 2:
             raise BonsaiError("lasso_cv needs cv_folds >= 2")
         return self

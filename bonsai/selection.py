@@ -48,7 +48,7 @@ def select_removals(units: pd.DataFrame, beta: np.ndarray, candidates: np.ndarra
         return remove
     cand_ids = np.flatnonzero(candidates)
     order = cand_ids[np.lexsort((cand_ids, beta[cand_ids]))]  # lowest β first; ties by unit id
-    module_key = list(zip(units["layer"].to_numpy(), units["kind"].to_numpy()))
+    module_key = list(zip(units["layer"].to_numpy(), units["kind"].to_numpy(), strict=True))
     left_in_module: dict = {}
     for key in module_key:
         left_in_module[key] = left_in_module.get(key, 0) + 1

@@ -83,8 +83,11 @@ def prune_flow(config: PruneConfig, out: str, work_dir: str | None = None, overw
         if n0 is not None and round(cfg.sparsity * n0) - removed <= tol:
             break
         # this round's share of the current model: p_iter of the original size, clipped at the target
-        p_round = min(cfg.p_iter, cfg.sparsity) if n0 is None else round_budget(
-            n0, removed, cfg.sparsity, cfg.p_iter) / rounds[-1]["non_embedding_params"]
+        p_round = (
+            min(cfg.p_iter, cfg.sparsity)
+            if n0 is None
+            else round_budget(n0, removed, cfg.sparsity, cfg.p_iter) / rounds[-1]["non_embedding_params"]
+        )
         round_dir = str(work / f"round_{r:02d}-{content_key(ckpt['sha256'], windows['sha256'], knobs, r, p_round)}")
         seed_r = cfg.seed * 1000 + r
         prior_ref = prior_task(ckpt, windows, cfg.prior, p_round, cfg.eval_batch_size, seed_r, round_dir)
@@ -119,9 +122,7 @@ def prune_flow(config: PruneConfig, out: str, work_dir: str | None = None, overw
         new_ckpt = shrink_task(ckpt, importance_ref, budget, windows, cfg.eval_batch_size, round_dir, record)
         summary = new_ckpt["round_summary"]
         if summary["non_embedding_params"] >= prior_ref["non_embedding_params"]:
-            raise BonsaiError(
-                f"round {r} removed nothing (budget {budget:,} parameters); lower p_iter or the target"
-            )
+            raise BonsaiError(f"round {r} removed nothing (budget {budget:,} parameters); lower p_iter or the target")
         ckpt, rounds = new_ckpt, new_ckpt["rounds"]
         removed = n0 - summary["non_embedding_params"]
         forward_tokens += prior_ref["tokens"] * (cfg.n_samples + 2)  # prior pass + sub-models + check pass
@@ -135,9 +136,7 @@ def prune_flow(config: PruneConfig, out: str, work_dir: str | None = None, overw
         raise BonsaiError("no pruning round ran")
     realised = removed / n0
     if abs(realised - cfg.sparsity) > SPARSITY_TOLERANCE:
-        raise BonsaiError(
-            f"realised sparsity {realised:.4f} misses the target {cfg.sparsity} by more than 0.5 points"
-        )
+        raise BonsaiError(f"realised sparsity {realised:.4f} misses the target {cfg.sparsity} by more than 0.5 points")
     final = rounds[-1]
     summary = {
         "out": str(Path(out).resolve()),
@@ -157,8 +156,7 @@ def prune_flow(config: PruneConfig, out: str, work_dir: str | None = None, overw
     }
     publish_checkpoint(ckpt["path"], out, {"summary": summary}, overwrite=overwrite)
     create_markdown_artifact(
-        "### Bonsai summary\n\n| key | value |\n|---|---|\n"
-        + "".join(f"| {k} | {v} |\n" for k, v in summary.items()),
+        "### Bonsai summary\n\n| key | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in summary.items()),
         key="bonsai-summary",
         description="Bonsai prune summary",
     )

@@ -52,5 +52,10 @@ def prepare_windows_task(
 
 
 def record_source(path: str) -> str | None:
-    """The source model a pruned checkpoint came from (None for an unpruned model)."""
-    return read_record(path).get("source_model") if is_pruned_checkpoint(path) else None
+    """The source model a pruned checkpoint came from (None for an unpruned model): its resolved local path
+    when that still exists, else the source as the user gave it."""
+    if not is_pruned_checkpoint(path):
+        return None
+    record = read_record(path)
+    local = record.get("source_path")
+    return local if local and Path(local).is_dir() else record.get("source_model")

@@ -88,7 +88,7 @@ def apply_layer_shapes(model: nn.Module, layer_shapes: list) -> None:
     if len(layer_shapes) != len(layers):
         raise ValueError(f"bonsai_layers lists {len(layer_shapes)} layers, the model has {len(layers)}")
     group_size = config.num_attention_heads // config.num_key_value_heads
-    for layer, shape in zip(layers, layer_shapes):
+    for layer, shape in zip(layers, layer_shapes, strict=True):
         resize_layer(layer, int(shape["attn_groups"]), int(shape["mlp_channels"]), group_size)
 
 
