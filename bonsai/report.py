@@ -91,7 +91,8 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     # strings are taken as Markdown (e.g. "**all**") apart from pipes and newlines, which would break the table
     out += [
-        "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") if isinstance(c, str) else _fmt(c) for c in row)
+        "| "
+        + " | ".join(c.replace("|", "\\|").replace("\n", " ") if isinstance(c, str) else _fmt(c) for c in row)
         + " |"
         for row in rows
     ]
@@ -163,6 +164,29 @@ def _original_counts(
 # ---------------------------------------------------------------------------------------------------- plots
 
 
+ROUNDS_CSV = "rounds.csv"
+
+
+def _write_rounds_csv(record: Mapping[str, Any], path: Path) -> bool:
+    """One row per model state (round 0 = the dense model, round k = after pruning round k), for `dvc plots`."""
+    rounds = [r for r in record.get("rounds") or [] if "non_embedding_params" in r and "calib_nll" in r]
+    if not rounds:
+        return False
+    summary = record.get("summary") or {}
+    rows = []
+    if summary.get("non_embedding_params_before") and summary.get("calib_ppl_before"):
+        rows.append((0, summary["non_embedding_params_before"], summary["calib_ppl_before"]))
+    rows += [
+        (int(r.get("round", i)) + 1, r["non_embedding_params"], math.exp(r["calib_nll"])) for i, r in enumerate(rounds)
+    ]
+    n0 = rows[0][1]
+    text = "round,non_embedding_params,sparsity,calib_ppl\n" + "".join(
+        f"{step},{n},{1 - n / n0:.6f},{ppl:.6f}\n" for step, n, ppl in rows
+    )
+    _write_text_atomic(path, text)
+    return True
+
+
 def _plot_ppl(record: Mapping[str, Any], path: Path) -> bool:
     rounds = [r for r in record.get("rounds") or [] if "non_embedding_params" in r and "calib_nll" in r]
     summary = record.get("summary") or {}
@@ -211,8 +235,7 @@ def _plot_kept(kept: Mapping[str, list[list[int]]], attn_n: list[int], mlp_n: li
     fig, axes = plt.subplots(1, 3, figsize=(14, height), gridspec_kw={"width_ratios": [1, 3, 1.2]})
     cmap = plt.get_cmap("Greens").with_extremes(bad="white")
     for ax, kind, title in ((axes[0], "attn", "attention KV groups"), (axes[1], "mlp", "MLP channels")):
-        ax.imshow(grids[kind], aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="antialiased",
-                  origin="upper")
+        ax.imshow(grids[kind], aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="antialiased", origin="upper")
         ax.set_title(f"kept {title} (green)")
         ax.set_xlabel("original index")
         ax.set_ylabel("layer")
@@ -253,13 +276,27 @@ def _section_rounds(record: Mapping[str, Any]) -> str:
     rows = []
     for r in rounds:
         nll = r.get("calib_nll")
-        rows.append([
-            r.get("round"), r.get("budget"), r.get("non_embedding_params"), r.get("total_params"),
-            math.exp(nll) if nll is not None else None, r.get("removed_attn_groups"), r.get("removed_mlp_channels"),
-        ])
+        rows.append(
+            [
+                r.get("round"),
+                r.get("budget"),
+                r.get("non_embedding_params"),
+                r.get("total_params"),
+                math.exp(nll) if nll is not None else None,
+                r.get("removed_attn_groups"),
+                r.get("removed_mlp_channels"),
+            ]
+        )
     return _table(
-        ["round", "budget", "non-emb. params", "total params", "calib. ppl", "attn groups removed",
-         "MLP channels removed"],
+        [
+            "round",
+            "budget",
+            "non-emb. params",
+            "total params",
+            "calib. ppl",
+            "attn groups removed",
+            "MLP channels removed",
+        ],
         rows,
     )
 
@@ -348,16 +385,18 @@ def _section_speed(speed: Mapping[str, Any]) -> str:
             v = rat.get(key)
             return f" ({v:.2f}×)" if v is not None and len(runs) > 1 else ""
 
-        rows.append([
-            name,
-            f"{_fmt(r.get('params'))}{x('params_ratio')}",
-            f"{_tps(r.get('prefill_tokens_per_s'))}{x('prefill_speedup')}",
-            f"{_tps(r.get('decode_tokens_per_s'))}{x('decode_speedup')}",
-            _bytes(r.get("peak_memory_bytes")),
-            f"{_bytes(r.get('peak_memory_delta_bytes'))}{x('peak_memory_delta_ratio')}",
-            _bytes(r.get("model_bytes")),
-            _bytes(r.get("disk_bytes")) if r.get("disk_bytes") is not None else "—",
-        ])
+        rows.append(
+            [
+                name,
+                f"{_fmt(r.get('params'))}{x('params_ratio')}",
+                f"{_tps(r.get('prefill_tokens_per_s'))}{x('prefill_speedup')}",
+                f"{_tps(r.get('decode_tokens_per_s'))}{x('decode_speedup')}",
+                _bytes(r.get("peak_memory_bytes")),
+                f"{_bytes(r.get('peak_memory_delta_bytes'))}{x('peak_memory_delta_ratio')}",
+                _bytes(r.get("model_bytes")),
+                _bytes(r.get("disk_bytes")) if r.get("disk_bytes") is not None else "—",
+            ]
+        )
     first = next(iter(runs.values()))
     note = (
         f"Batch 1, prompt {first.get('prompt_len')} tokens, {first.get('new_tokens')} greedy new tokens with KV cache; "
@@ -405,6 +444,7 @@ def write_report(
         parts.append("## Run\n\n" + summary)
 
     parts.append("## Rounds\n\n" + _section_rounds(record))
+    _write_rounds_csv(record, run_dir / ROUNDS_CSV)
     if _plot_ppl(record, run_dir / PPL_PLOT):
         parts.append(f"![perplexity vs non-embedding parameters]({PPL_PLOT})\n")
 

@@ -172,8 +172,9 @@ def stage_prune(params_file: str) -> None:
 
     used = read_record(PRUNED_DIR)["calibration"]["windows_sha256"]
     if calib_sha and used != calib_sha:
-        log.warning("the prune flow used calibration windows %s…, not data/calibration's %s…", used[:12],
-                    calib_sha[:12])
+        log.warning(
+            "the prune flow used calibration windows %s…, not data/calibration's %s…", used[:12], calib_sha[:12]
+        )
     print(
         f"pruned {summary['non_embedding_params_before']:,} → {summary['non_embedding_params_after']:,} "
         f"non-embedding parameters (sparsity {summary['sparsity']:.2%}) in {summary['rounds']} rounds"
@@ -227,12 +228,21 @@ def stage_evaluate(params_file: str) -> None:
 
 def stage_report(params_file: str) -> None:
     from bonsai.checkpoint import read_record
-    from flows.report import write_report
+    from bonsai.report import original_shapes_from_config, write_report
 
     record = read_record(PRUNED_DIR)
     metrics = json.loads(Path(METRICS_JSON).read_text())
-    paths = write_report(record, metrics, REPORT_DIR)
-    print("report written:", ", ".join(paths.values()))
+    dense_config = json.loads((Path(MODEL_DIR) / "config.json").read_text())
+    path = write_report(
+        Path(REPORT_DIR),
+        record=record,
+        eval_metrics={"dense": metrics["dense"], "pruned": metrics["pruned"]},
+        zeroshot=None,
+        speed=None,
+        title="Bonsai pipeline report",
+        original_shapes=original_shapes_from_config(dense_config),
+    )
+    print(f"report written: {path}")
 
 
 STAGES = {

@@ -197,3 +197,21 @@ def test_existing_output_is_not_overwritten(tmp_path):
     with pytest.raises(BonsaiError, match="exists and is not empty"):
         save_pruned(tiny_model("llama"), None, tmp_path / "out", {})
     assert (tmp_path / "out" / "keep.txt").exists()
+
+
+def test_masked_equals_sliced_on_real_stories260k(stories_dir):
+    from bonsai.checkpoint import load_for_pruning
+
+    model, tokenizer, kept = load_for_pruning(stories_dir)
+    units = unit_table(model, kept)
+    keep = np.random.default_rng(0).random(len(units)) > 0.3
+    ids = torch.tensor([tokenizer("Once upon a time there was a little girl who liked cats").input_ids[:12]] * 2)
+    ids[1] = ids[1].flip(0)
+    with torch.no_grad(), UnitMasker(model, units) as masker:
+        masker.set(keep)
+        masked = model(ids).logits
+    before = total_params(model)
+    shrink_model(model, units, ~keep, kept)
+    with torch.no_grad():
+        assert (masked - model(ids).logits).abs().max().item() <= 1e-5
+    assert before - total_params(model) == _expected_drop(units, ~keep)
