@@ -5,8 +5,9 @@ repeated until the target sparsity. Every step writes an artifact named by its i
 so running the same command again after a crash reuses every finished shard and round.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` in this module: `prune_flow.serve(...)` (deploy/serve.py) pickles the flow
+# function by value into each run's process, and a string annotation "PruneConfig" then fails to resolve in
+# Prefect's parameter validation ("`Prune_FlowModel` is not fully defined").
 import math
 import time
 from pathlib import Path
