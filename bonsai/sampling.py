@@ -2,10 +2,11 @@
 
 Per module (one layer's attention or MLP), the units with the lowest prior — a share 2·p of the module, where p
 is the round's share of the current model (p_iter of the original size, so p grows as the model shrinks) — are
-candidates; the rest stay in every sub-model. Each pair of sub-models: the first drops a prior-weighted
-sample of about p of the module's units from its candidates (probability ∝ max prior − prior, so weak
-units are dropped more often), its partner drops the remaining candidates. Pairs make every candidate appear
-dropped and kept equally often, which decorrelates the regression's columns.
+candidates; the rest stay in every sub-model. Each pair of sub-models: the first drops a prior-weighted sample
+(probability ∝ max prior − prior, so weak units are dropped more often) of about p of the module's units from its
+candidates — p·n stochastically rounded, drawn per pair and module — and its partner drops the remaining
+candidates. Pairs make every candidate appear dropped and kept equally often; the per-module rounding keeps the
+columns of small modules (a layer's few KV groups) from being copies of each other.
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ def _module_groups(units: pd.DataFrame):
         yield rows["unit"].to_numpy()
 
 
-def module_counts(n_units: int, p_round: float) -> tuple[int, int]:
-    """(candidates, dropped by the first sub-model of a pair) for a module of n_units."""
+def module_counts(n_units: int, p_round: float) -> tuple[int, float]:
+    """(candidates, expected number dropped by the first sub-model of a pair) for a module of n_units."""
     n_cand = min(n_units, max(1, math.ceil(2 * p_round * n_units)))
-    n_drop = min(n_cand, max(1, round(p_round * n_units)))
-    return n_cand, n_drop
+    return n_cand, min(float(n_cand), p_round * n_units)
 
 
 def candidate_mask(units: pd.DataFrame, prior: np.ndarray, p_round: float) -> np.ndarray:
@@ -49,12 +49,15 @@ def sample_masks(
         cand_ids = ids[candidates[ids]]
         if len(cand_ids) == 0:
             continue
-        _, n_drop = module_counts(len(ids), p_round)
+        _, expected_drop = module_counts(len(ids), p_round)
         p = prior[cand_ids]
         weight = (p.max() - p) + 1e-9 * (np.abs(p).max() + 1.0)  # every candidate keeps a chance
-        modules.append((cand_ids, min(n_drop, len(cand_ids)), weight / weight.sum()))
+        modules.append((cand_ids, expected_drop, weight / weight.sum()))
     for pair in range(n_samples // 2):
-        for cand_ids, n_drop, prob in modules:
+        for cand_ids, expected_drop, prob in modules:
+            # stochastic rounding, drawn per pair and module: a module with few units (3 KV groups) drops one
+            # in some first halves and not others, so its column is not a copy of every other small module's
+            n_drop = int(expected_drop) + int(rng.random() < expected_drop - int(expected_drop))
             dropped = rng.choice(cand_ids, size=n_drop, replace=False, p=prob)
             keep[2 * pair, dropped] = False
             keep[2 * pair + 1, np.setdiff1d(cand_ids, dropped)] = False

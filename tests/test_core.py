@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_models import TINY_CONFIGS, tiny_model
+from tiny_models import TINY_CONFIGS, tiny_biased_llama, tiny_model
 
 from bonsai.architectures import family_of, non_embedding_params, total_params
 from bonsai.checkpoint import load_pruned_model, save_pruned, sha256_file
@@ -41,10 +41,10 @@ def _expected_drop(units, remove):
     return drop
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "llama_with_biases"])
 @pytest.mark.parametrize("empty_module", [(1, ATTN), (0, MLP)])
 def test_masked_forward_equals_sliced_forward_and_costs_match(family, empty_module):
-    model = tiny_model(family)
+    model = tiny_biased_llama() if family == "llama_with_biases" else tiny_model(family)
     units = unit_table(model)
     keep = _random_keep(units, seed=1, empty_module=empty_module)
     ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -153,6 +153,21 @@ def test_candidates_and_antithetic_pairs():
     assert not (~keep[0::2] & ~keep[1::2]).any()
     assert np.array_equal(keep, sample_masks(units, prior, cand, 0.1, n_samples=10, seed=0))
     assert not np.array_equal(keep, sample_masks(units, prior, cand, 0.1, n_samples=10, seed=1))
+
+
+def test_small_modules_are_not_collinear():
+    """3 KV groups per layer, p=0.1: one attention candidate per layer, dropped in ~30% of first halves.
+    Its column must differ between layers, or the regression cannot tell the layers' attention apart."""
+    model = tiny_model("llama")
+    units = unit_table(model)
+    prior = np.random.default_rng(0).random(len(units))
+    cand = candidate_mask(units, prior, 0.1)
+    keep = sample_masks(units, prior, cand, 0.1, n_samples=40, seed=0)
+    attn = [u for u in np.flatnonzero(cand) if units.kind[u] == ATTN]
+    assert len(attn) == 2
+    assert not np.array_equal(keep[:, attn[0]], keep[:, attn[1]])
+    first_half_drops = (~keep[0::2, attn[0]]).mean()
+    assert 0.0 < first_half_drops < 0.6  # p·n = 0.2 for 2 groups: rounded stochastically, not always to 1
 
 
 def test_selection_is_cost_aware_and_lands_near_budget():
