@@ -73,10 +73,21 @@ def mlp_channels(layer: nn.Module) -> int:
     return 0 if isinstance(mlp, EmptyMLP) else mlp.gate_proj.out_features
 
 
-def layer_shapes(model: nn.Module) -> list[dict[str, int]]:
-    """Per-layer unit counts, as recorded in a pruned checkpoint's config (`bonsai_layers`)."""
+def _has_bias(module: nn.Module, name: str) -> bool:
+    linear = getattr(module, name, None)
+    return linear is not None and linear.bias is not None
+
+
+def layer_shapes(model: nn.Module) -> list[dict[str, int | bool]]:
+    """Per-layer unit counts, as recorded in a pruned checkpoint's config (`bonsai_layers`), and whether o_proj
+    / down_proj carry a bias (FLAP bias compensation can add one where the stock family has none)."""
     return [
-        {"attn_groups": attn_groups(layer, model.config), "mlp_channels": mlp_channels(layer)}
+        {
+            "attn_groups": attn_groups(layer, model.config),
+            "mlp_channels": mlp_channels(layer),
+            "o_bias": _has_bias(layer.self_attn, "o_proj"),
+            "down_bias": _has_bias(layer.mlp, "down_proj"),
+        }
         for layer in decoder_layers(model)
     ]
 

@@ -23,6 +23,10 @@ KNOB_FLAGS = {  # flag -> (config key, type)
     "--batch-size": ("eval_batch_size", int),
     "--shard-size": ("shard_size", int),
     "--workers": ("workers", int),
+    "--method": ("method", str),
+    "--mosaic-outlier-m": ("mosaic_outlier_m", float),
+    "--mosaic-lambda": ("mosaic_lambda", float),
+    "--structural-share": ("structural_share", float),
 }
 
 
@@ -76,7 +80,12 @@ def _print_summary(s: dict) -> None:
         f"  (sparsity {s['sparsity']:.2%}, target {s['target_sparsity']:.2%})\n"
         f"  parameters (total):         {s['total_params_before']:,} -> {s['total_params_after']:,}"
         f"  ({s['total_sparsity']:.2%} fewer)\n"
-        f"  calibration perplexity:     {s['calib_ppl_before']:.3f} -> {s['calib_ppl_after']:.3f}\n"
+        + (
+            f"  non-zero (non-embedding):   {s['nonzero_non_embedding_params_after']:,} (method {s['method']})\n"
+            if "nonzero_non_embedding_params_after" in s
+            else ""
+        )
+        + f"  calibration perplexity:     {s['calib_ppl_before']:.3f} -> {s['calib_ppl_after']:.3f}\n"
         f"  rounds: {s['rounds']}   forward tokens: {s['forward_tokens']:,}   wall time: {s['wall_seconds']:.1f} s\n"
         f"  pruned model: {s['out']}"
     )

@@ -16,6 +16,21 @@ from bonsai.errors import BonsaiError
 PRIORS = ("wanda", "fluctuation", "magnitude", "random")
 UTILITIES = ("ppl", "loss")
 REGRESSIONS = ("lasso_cv", "ridge")
+# `bonsai` is the iterative loop of flows/prune.py; the others are one-shot baselines (bonsai/methods/).
+METHODS = (
+    "bonsai",
+    "flap",
+    "wanda_sp",
+    "llm_pruner",
+    "shortgpt",
+    "magnitude",
+    "random",
+    "mosaic",
+    "mosaic_composite",
+    "sparse24",
+)
+# Knobs only the one-shot methods read (kept out of the Bonsai loop's artifact keys).
+METHOD_KNOBS = ("method", "mosaic_outlier_m", "mosaic_lambda", "structural_share")
 
 # Knobs a preset fixes; everything else (model, sparsity, data, seed, paths) is per run.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -50,21 +65,40 @@ class PruneConfig:
     preset: str = "fast"
     calib: str = "self"
     seed: int = 0
-    prior: str = "wanda"
-    p_iter: float = 0.1
-    n_samples: int = 48
-    calib_windows: int = 8
-    calib_seq_len: int = 128
-    utility: str = "loss"
-    regression: str = "ridge"
+    # the preset's knobs: None = take the preset's value (so `preset` alone decides, also in deployments)
+    prior: str | None = None
+    p_iter: float | None = None
+    n_samples: int | None = None
+    calib_windows: int | None = None
+    calib_seq_len: int | None = None
+    utility: str | None = None
+    regression: str | None = None
     cv_folds: int = 5
     eval_batch_size: int = 8
     shard_size: int = 8
     workers: int = 1
+    method: str = "bonsai"
+    mosaic_outlier_m: float = 5.0  # Mosaic: a score > M × the projection's mean score is an outlier
+    mosaic_lambda: float = 0.08  # Mosaic: per-projection sparsity stays within target ± lambda
+    structural_share: float = 0.5  # mosaic_composite: share of the budget removed as whole units
 
-    def validate(self) -> PruneConfig:
+    def resolved(self) -> PruneConfig:
+        """This config with every knob left unset taken from its preset."""
         if self.preset not in PRESETS:
             raise BonsaiError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        unset = {k: v for k, v in PRESETS[self.preset].items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **unset) if unset else self
+
+    def validate(self) -> PruneConfig:
+        """The resolved config, checked; every bad value raises a one-line BonsaiError."""
+        if not self.is_resolved():
+            return self.resolved().validate()
+        for f in dataclasses.fields(self):
+            v, kind = getattr(self, f.name), _FIELD_KINDS.get(f.name)
+            if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
+                raise BonsaiError(f"{f.name} must be an integer, got {v!r}")
+            if kind is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise BonsaiError(f"{f.name} must be a number, got {v!r}")
         if not 0.0 < self.sparsity < 1.0:
             raise BonsaiError(f"sparsity must be in (0, 1), got {self.sparsity}")
         if self.prior not in PRIORS:
@@ -90,13 +124,33 @@ class PruneConfig:
             raise BonsaiError(f"calib_seq_len must be >= 0 (0 = full context), got {self.calib_seq_len}")
         if self.regression == "lasso_cv" and self.cv_folds < 2:
             raise BonsaiError("lasso_cv needs cv_folds >= 2")
+        if self.method not in METHODS:
+            raise BonsaiError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method == "sparse24" and self.sparsity != 0.5:
+            raise BonsaiError(
+                f"sparse24 (2:4) zeroes exactly half of every projection's weights: sparsity must be 0.5, "
+                f"got {self.sparsity}"
+            )
+        if not self.mosaic_outlier_m > 0:
+            raise BonsaiError(f"mosaic_outlier_m must be > 0, got {self.mosaic_outlier_m}")
+        if not 0.0 <= self.mosaic_lambda < 0.5:
+            raise BonsaiError(f"mosaic_lambda must be in [0, 0.5), got {self.mosaic_lambda}")
+        if not 0.0 <= self.structural_share <= 1.0:
+            raise BonsaiError(f"structural_share must be in [0, 1], got {self.structural_share}")
         return self
+
+    def is_resolved(self) -> bool:
+        return all(getattr(self, k) is not None for k in PRESETS[self.preset]) if self.preset in PRESETS else False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 KNOWN_KEYS = {f.name for f in dataclasses.fields(PruneConfig)}
+_FIELD_KINDS = {
+    f.name: int if "int" in str(f.type) else float if "float" in str(f.type) else None
+    for f in dataclasses.fields(PruneConfig)
+}
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -132,18 +186,8 @@ def resolve_config(
     unknown = set(merged) - KNOWN_KEYS
     if unknown:
         raise BonsaiError(f"unknown config keys: {', '.join(sorted(unknown))}")
-    preset = merged.get("preset", PruneConfig.preset)
-    if preset not in PRESETS:
-        raise BonsaiError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    values = {**PRESETS[preset], **merged}
     try:
-        cfg = PruneConfig(**values)
+        cfg = PruneConfig(**merged)
     except TypeError as e:
         raise BonsaiError(f"bad config: {e}") from None
-    for f in dataclasses.fields(PruneConfig):
-        v = getattr(cfg, f.name)
-        if f.type in ("int", "float") and isinstance(v, bool) or (f.type == "int" and not isinstance(v, int)):
-            raise BonsaiError(f"{f.name} must be an integer, got {v!r}")
-        if f.type == "float" and not isinstance(v, (int, float)):
-            raise BonsaiError(f"{f.name} must be a number, got {v!r}")
     return cfg.validate()

@@ -1,8 +1,10 @@
 """Evaluate sub-models by masking units inside the forward pass (step 4), with no weight copies.
 
 A dropped KV group contributes nothing through o_proj, and a dropped MLP channel nothing through down_proj, so
-zeroing those inputs is exactly the forward of the physically sliced model (tested to 1e-5). Query heads of KV
-group g are heads g·G … g·G+G−1 (the order `repeat_kv` uses), i.e. one contiguous block of o_proj inputs.
+zeroing those inputs is exactly the forward of the physically sliced model (tested to 1e-5). A module that loses
+every unit is removed whole when sliced, bias included (e.g. FLAP's compensation bias), so its output is zeroed.
+Query heads of KV group g are heads g·G … g·G+G−1 (the order `repeat_kv` uses), i.e. one contiguous block of
+o_proj inputs.
 """
 
 from __future__ import annotations
@@ -32,13 +34,17 @@ class UnitMasker:
             module = layers[layer].self_attn.o_proj if kind == ATTN else layers[layer].mlp.down_proj
             self._targets.append((module, rows.sort_values("index")["unit"].to_numpy(), width[kind]))
         self._masks: dict[int, torch.Tensor | None] = {}
+        self._emptied: set[int] = set()
         self._handles: list = []
 
     def set(self, keep: np.ndarray | None) -> None:
+        self._emptied = set()
         for i, (module, unit_ids, width) in enumerate(self._targets):
             if keep is None or keep[unit_ids].all():
                 self._masks[i] = None
                 continue
+            if module.bias is not None and not keep[unit_ids].any():
+                self._emptied.add(i)
             per_unit = torch.from_numpy(keep[unit_ids].astype(np.float32))
             self._masks[i] = per_unit.repeat_interleave(width).to(module.weight.dtype)
 
@@ -51,9 +57,18 @@ class UnitMasker:
 
         return pre_hook
 
+    def _bias_hook(self, i: int):
+        def hook(_module, _args, output):
+            return torch.zeros_like(output) if i in self._emptied else None
+
+        return hook
+
     def __enter__(self) -> UnitMasker:
-        self._handles = [
-            m.register_forward_pre_hook(self._hook(i)) for i, (m, _, _) in enumerate(self._targets)
+        self._handles = [m.register_forward_pre_hook(self._hook(i)) for i, (m, _, _) in enumerate(self._targets)]
+        self._handles += [
+            m.register_forward_hook(self._bias_hook(i))
+            for i, (m, _, _) in enumerate(self._targets)
+            if m.bias is not None
         ]
         return self
 
@@ -62,3 +77,4 @@ class UnitMasker:
             h.remove()
         self._handles = []
         self._masks = {}
+        self._emptied = set()

@@ -1,9 +1,9 @@
 """Step 6: cost-aware global selection of the units to remove this round.
 
 Candidates are removed in order of increasing estimated importance β until the round's parameter budget is met.
-A unit that would overshoot the budget by more than it undershoots is skipped and cheaper units further down the
-list may fill the gap, so a round lands within half of the cheapest unit's cost of its budget. Emptying a module
-also frees its residual parameters, which count towards the budget.
+A unit that would overshoot the budget by more than half the cheapest candidate is skipped and cheaper units
+further down the list fill the gap, so a round lands within half of the cheapest candidate's cost of its budget.
+Emptying a module also frees its residual parameters, which count towards the budget.
 """
 
 from __future__ import annotations
@@ -20,17 +20,13 @@ def removable_params(units: pd.DataFrame) -> int:
     return int(per_module["cost"].sum() + per_module["residual"].sum())
 
 
-def round_budget(
-    original_non_embedding: int, removed_so_far: int, target_sparsity: float, p_iter: float
-) -> int:
+def round_budget(original_non_embedding: int, removed_so_far: int, target_sparsity: float, p_iter: float) -> int:
     """Parameters to remove this round: p_iter of the original, clipped so the last round lands on target."""
     target_removed = round(target_sparsity * original_non_embedding)
     return max(0, min(round(p_iter * original_non_embedding), target_removed - removed_so_far))
 
 
-def check_reachable(
-    removable: int, removed_so_far: int, original_non_embedding: int, target_sparsity: float
-) -> None:
+def check_reachable(removable: int, removed_so_far: int, original_non_embedding: int, target_sparsity: float) -> None:
     """Refuse a target that needs removing every prunable unit (`removable`: what the current units free)."""
     limit = (removed_so_far + removable) / original_non_embedding
     if round(target_sparsity * original_non_embedding) >= removed_so_far + removable:
@@ -42,22 +38,28 @@ def check_reachable(
 
 
 def select_removals(units: pd.DataFrame, beta: np.ndarray, candidates: np.ndarray, budget: int) -> np.ndarray:
-    """Bool per unit: True = remove. `beta` is indexed like `units` (only candidate entries are read)."""
+    """Bool per unit: True = remove. `beta` is indexed like `units` (only candidate entries are read).
+
+    Lowest β first; a unit that would take the total more than half the cheapest candidate past the budget is
+    skipped and cheaper units further down fill the gap, so a round lands within half the cheapest candidate's
+    cost of its budget even when the last unit in line is a large attention group.
+    """
     remove = np.zeros(len(units), dtype=bool)
-    if budget <= 0:
-        return remove
     cand_ids = np.flatnonzero(candidates)
+    if budget <= 0 or len(cand_ids) == 0:
+        return remove
     order = cand_ids[np.lexsort((cand_ids, beta[cand_ids]))]  # lowest β first; ties by unit id
     module_key = list(zip(units["layer"].to_numpy(), units["kind"].to_numpy(), strict=True))
     left_in_module: dict = {}
     for key in module_key:
         left_in_module[key] = left_in_module.get(key, 0) + 1
     costs, residuals = units["cost"].to_numpy(), units["residual"].to_numpy()
+    slack = int(costs[cand_ids].min()) // 2
     removed = 0
     for u in order:
         key = module_key[u]
         gain = int(costs[u]) + (int(residuals[u]) if left_in_module[key] == 1 else 0)
-        if removed + gain - budget > budget - removed:  # overshoot would exceed the current shortfall
+        if removed + gain > budget + slack:
             continue
         remove[u] = True
         removed += gain

@@ -20,11 +20,12 @@ from tqdm.auto import tqdm
 from bonsai import __version__
 from bonsai.artifacts import content_key
 from bonsai.checkpoint import publish_checkpoint
-from bonsai.config import PruneConfig
+from bonsai.config import METHOD_KNOBS, PruneConfig
 from bonsai.errors import BonsaiError
 from bonsai.selection import check_reachable, round_budget
 from flows.calibration import calibration_flow
 from tasks.data_tasks import materialize_model_task
+from tasks.method_tasks import one_shot_summary, one_shot_task
 from tasks.prune_tasks import evaluate_shard_task, prior_task, regression_task, sample_task, shrink_task
 
 SPARSITY_TOLERANCE = 0.005  # the realised sparsity must land within ±0.5 points of the target
@@ -58,10 +59,12 @@ def prune_flow(config: PruneConfig, out: str, work_dir: str | None = None, overw
         "calibration",
         str(work / "windows"),
     )
-    knobs = {k: v for k, v in cfg.to_dict().items() if k not in ("model", "sparsity", "workers", "calib")}
+    knobs = {
+        k: v for k, v in cfg.to_dict().items() if k not in ("model", "sparsity", "workers", "calib", *METHOD_KNOBS)
+    }
     base_record = {
         "tool": f"bonsai-prune {__version__}",
-        "method": "bonsai",
+        "method": cfg.method,
         "preset": cfg.preset,
         "config": cfg.to_dict(),
         "seed": cfg.seed,
@@ -75,6 +78,8 @@ def prune_flow(config: PruneConfig, out: str, work_dir: str | None = None, overw
             "windows_sha256": windows["sha256"],
         },
     }
+    if cfg.method != "bonsai":  # a one-shot method (bonsai/methods/): one task, the same checkpoint and summary
+        return _one_shot(cfg, out, work, overwrite, model_ref, windows, base_record, started)
     ckpt, rounds, n0, tol, removed = model_ref, [], None, 0.0, 0
     forward_tokens, calib_nll_before = 0, None
     n_shards = math.ceil(cfg.n_samples / cfg.shard_size)
@@ -160,6 +165,21 @@ def prune_flow(config: PruneConfig, out: str, work_dir: str | None = None, overw
         "### Bonsai summary\n\n| key | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in summary.items()),
         key="bonsai-summary",
         description="Bonsai prune summary",
+    )
+    return summary
+
+
+def _one_shot(cfg, out, work, overwrite, model_ref, windows, base_record, started) -> dict:
+    method_knobs = {k: getattr(cfg, k) for k in (*METHOD_KNOBS, "sparsity", "seed", "eval_batch_size")}
+    method_dir = work / f"{cfg.method}-{content_key(model_ref['sha256'], windows['sha256'], method_knobs)}"
+    ckpt = one_shot_task(model_ref, windows, cfg.to_dict(), str(method_dir), base_record)
+    summary = one_shot_summary(ckpt, cfg.sparsity, cfg.model, out, started)
+    publish_checkpoint(ckpt["path"], out, {"summary": summary}, overwrite=overwrite)
+    create_markdown_artifact(
+        f"### {cfg.method} summary\n\n| key | value |\n|---|---|\n"
+        + "".join(f"| {k} | {v} |\n" for k, v in summary.items()),
+        key="bonsai-summary",
+        description=f"{cfg.method} prune summary",
     )
     return summary
 

@@ -62,7 +62,14 @@ def test_prefect_yaml_deployment_is_valid():
     assert flow.name == "bonsai-prune"
     params = flow.validate_parameters(dep["parameters"])  # the JSON object becomes a PruneConfig
     cfg = params["config"]
-    assert isinstance(cfg, PruneConfig) and cfg.validate() is cfg
+    assert isinstance(cfg, PruneConfig)
+    from bonsai.config import PRESETS
+
+    assert cfg.validate().n_samples == PRESETS["fast"]["n_samples"]
+    # a deployment that names only the preset runs the preset's knobs (not the dataclass defaults)
+    paper = flow.validate_parameters({**dep["parameters"], "config": {**dep["parameters"]["config"],
+                                                                      "preset": "paper"}})["config"].validate()
+    assert (paper.n_samples, paper.regression, paper.p_iter) == (200, "lasso_cv", 0.05)
     assert (cfg.model, cfg.sparsity, cfg.preset) == ("smollm2-135m", 0.5, "fast")
     assert params["out"] == "data/scheduled/pruned" and not Path(params["out"]).is_absolute()
     assert params["overwrite"] is True  # a nightly schedule must be able to replace last night's output

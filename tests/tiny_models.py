@@ -35,3 +35,15 @@ def tiny_model(family: str, seed: int = 0):
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     return model
+
+
+def tiny_biased_llama(seed: int = 0):
+    """A Llama with biases on every projection (attention_bias, mlp_bias), so o/down biases exist."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(**COMMON, num_key_value_heads=2, attention_bias=True, mlp_bias=True)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model

@@ -3,7 +3,9 @@
 Shipped inside every pruned checkpoint (referenced by `auto_map`), so it may import only torch and
 transformers. Attention is pruned in whole KV groups, so every layer keeps the family's query/KV ratio and the
 stock attention code runs unchanged on fewer heads. A module that lost every unit is replaced by an empty one
-that adds nothing to the residual stream (the layer's residual passes through).
+that adds nothing to the residual stream (the layer's residual passes through). Each layer's entry in
+`bonsai_layers` may also say whether its o_proj / down_proj carry a bias (`o_bias`, `down_bias`): FLAP-style
+bias compensation adds one where the stock family has none. Without those keys the stock module decides.
 """
 
 import torch
@@ -52,14 +54,17 @@ class EmptyMLP(nn.Module):
         return torch.zeros_like(x)
 
 
-def _resized_linear(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
-    return nn.Linear(
-        in_features, out_features, bias=old.bias is not None, dtype=old.weight.dtype, device=old.weight.device
-    )
+def _resized_linear(old: nn.Linear, in_features: int, out_features: int, bias=None) -> nn.Linear:
+    """A fresh linear of the new shape; `bias` None keeps the old module's choice."""
+    bias = old.bias is not None if bias is None else bool(bias)
+    return nn.Linear(in_features, out_features, bias=bias, dtype=old.weight.dtype, device=old.weight.device)
 
 
-def resize_layer(layer: nn.Module, attn_groups: int, mlp_channels: int, group_size: int) -> None:
-    """Give one decoder layer `attn_groups` KV groups and `mlp_channels` MLP channels (weights uninitialised)."""
+def resize_layer(
+    layer: nn.Module, attn_groups: int, mlp_channels: int, group_size: int, o_bias=None, down_bias=None
+) -> None:
+    """Give one decoder layer `attn_groups` KV groups and `mlp_channels` MLP channels (weights uninitialised);
+    `o_bias` / `down_bias` (None: as the stock module) say whether o_proj / down_proj have a bias."""
     attn = layer.self_attn
     if not isinstance(attn, EmptyAttention):
         head_dim = attn.head_dim
@@ -70,7 +75,7 @@ def resize_layer(layer: nn.Module, attn_groups: int, mlp_channels: int, group_si
             attn.q_proj = _resized_linear(attn.q_proj, attn.q_proj.in_features, q_out)
             attn.k_proj = _resized_linear(attn.k_proj, attn.k_proj.in_features, kv_out)
             attn.v_proj = _resized_linear(attn.v_proj, attn.v_proj.in_features, kv_out)
-            attn.o_proj = _resized_linear(attn.o_proj, q_out, attn.o_proj.out_features)
+            attn.o_proj = _resized_linear(attn.o_proj, q_out, attn.o_proj.out_features, o_bias)
     mlp = layer.mlp
     if not isinstance(mlp, EmptyMLP):
         if mlp_channels == 0:
@@ -78,7 +83,7 @@ def resize_layer(layer: nn.Module, attn_groups: int, mlp_channels: int, group_si
         else:
             mlp.gate_proj = _resized_linear(mlp.gate_proj, mlp.gate_proj.in_features, mlp_channels)
             mlp.up_proj = _resized_linear(mlp.up_proj, mlp.up_proj.in_features, mlp_channels)
-            mlp.down_proj = _resized_linear(mlp.down_proj, mlp_channels, mlp.down_proj.out_features)
+            mlp.down_proj = _resized_linear(mlp.down_proj, mlp_channels, mlp.down_proj.out_features, down_bias)
             mlp.intermediate_size = mlp_channels
 
 
@@ -89,7 +94,14 @@ def apply_layer_shapes(model: nn.Module, layer_shapes: list) -> None:
         raise ValueError(f"bonsai_layers lists {len(layer_shapes)} layers, the model has {len(layers)}")
     group_size = config.num_attention_heads // config.num_key_value_heads
     for layer, shape in zip(layers, layer_shapes, strict=True):
-        resize_layer(layer, int(shape["attn_groups"]), int(shape["mlp_channels"]), group_size)
+        resize_layer(
+            layer,
+            int(shape["attn_groups"]),
+            int(shape["mlp_channels"]),
+            group_size,
+            shape.get("o_bias"),
+            shape.get("down_bias"),
+        )
 
 
 class _BonsaiMixin:
