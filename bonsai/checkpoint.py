@@ -49,6 +49,17 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename a finished temp directory to `out`; an existing `out` is swapped out first, then removed."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+
+
 def pruned_config_dict(model: nn.Module) -> dict[str, Any]:
     family = family_of(model.config)
     cfg = model.config.to_dict()
@@ -87,13 +98,7 @@ def save_pruned(
         weights = tmp / WEIGHTS_FILE
         full_record = {**record, "weights_sha256": sha256_file(weights), "layer_shapes": layer_shapes(model)}
         write_json_atomic(tmp / RECORD_FILE, full_record)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        _move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -173,13 +178,7 @@ def publish_checkpoint(
     try:
         shutil.copytree(src, tmp)
         write_json_atomic(tmp / RECORD_FILE, {**read_record(src), **record_updates})
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        _move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
