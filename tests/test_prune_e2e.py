@@ -136,3 +136,17 @@ def test_unknown_architecture(tmp_path, capsys):
     _fails(["prune", "--model", str(gpt2), "--sparsity", "0.5", "--out", str(tmp_path / "o"), "--calib",
             str(gpt2 / "config.json")], capsys, "unsupported architecture 'gpt2'; supported model types")
     assert not (tmp_path / "o").exists()
+
+
+def test_flow_publishes_round_and_summary_artifacts(pruned):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    rounds = read_record(pruned)["summary"]["rounds"]
+    keys = [f"bonsai-round-{r}" for r in range(rounds)] + ["bonsai-summary"]
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    found = {a.key: a for a in artifacts}
+    assert set(found) == set(keys)
+    assert "| sparsity | calibration ppl |" in found["bonsai-round-0"].data
+    assert "calib_ppl_after" in found["bonsai-summary"].data
