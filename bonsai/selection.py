@@ -20,10 +20,14 @@ def removable_params(units: pd.DataFrame) -> int:
     return int(per_module["cost"].sum() + per_module["residual"].sum())
 
 
-def round_budget(original_non_embedding: int, removed_so_far: int, target_sparsity: float, p_iter: float) -> int:
-    """Parameters to remove this round: p_iter of the original, clipped so the last round lands on target."""
-    target_removed = round(target_sparsity * original_non_embedding)
-    return max(0, min(round(p_iter * original_non_embedding), target_removed - removed_so_far))
+def round_budget(
+    original_non_embedding: int, removed_so_far: int, target_sparsity: float, p_iter: float, round_index: int
+) -> int:
+    """Parameters to remove in round `round_index` (0-based): the schedule is cumulative — after round r a share
+    min(target, (r+1)·p_iter) of the original is gone — so a round that fell a little short is made up by the
+    next one instead of accumulating into an extra round at the end."""
+    scheduled = min(target_sparsity, (round_index + 1) * p_iter)
+    return max(0, round(scheduled * original_non_embedding) - removed_so_far)
 
 
 def check_reachable(removable: int, removed_so_far: int, original_non_embedding: int, target_sparsity: float) -> None:

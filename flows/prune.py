@@ -92,7 +92,7 @@ def prune_flow(config: PruneConfig, out: str, work_dir: str | None = None, overw
         p_round = (
             min(cfg.p_iter, cfg.sparsity)
             if n0 is None
-            else round_budget(n0, removed, cfg.sparsity, cfg.p_iter) / rounds[-1]["non_embedding_params"]
+            else round_budget(n0, removed, cfg.sparsity, cfg.p_iter, r) / rounds[-1]["non_embedding_params"]
         )
         round_dir = str(work / f"round_{r:02d}-{content_key(ckpt['sha256'], windows['sha256'], knobs, r, p_round)}")
         seed_r = cfg.seed * 1000 + r
@@ -100,9 +100,11 @@ def prune_flow(config: PruneConfig, out: str, work_dir: str | None = None, overw
         if n0 is None:
             n0, calib_nll_before = prior_ref["non_embedding_params"], prior_ref["dense_nll"]
             total_before = prior_ref["total_params"]
-            tol = prior_ref["min_unit_cost"] / 2
+            # stop once within 0.1 pt of the target (or half the cheapest unit, if that is coarser): a further
+            # round of sub-model evaluations to move a few channels is not worth its forward passes
+            tol = max(prior_ref["min_unit_cost"] / 2, 0.001 * n0)
             check_reachable(prior_ref["removable_params"], 0, n0, cfg.sparsity)
-        budget = round_budget(n0, removed, cfg.sparsity, cfg.p_iter)
+        budget = round_budget(n0, removed, cfg.sparsity, cfg.p_iter, r)
         masks_ref = sample_task(prior_ref, p_round, cfg.n_samples, seed_r, round_dir)
         futures = [
             evaluate_shard_task.submit(

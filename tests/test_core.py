@@ -90,8 +90,13 @@ def test_fresh_process_loads_with_only_transformers(tmp_path):
     units = unit_table(model)
     shrink_model(model, units, ~_random_keep(units, seed=3), full_kept(model))
     out = save_pruned(model, None, tmp_path / "pruned", {})
-    res = subprocess.run([sys.executable, str(FRESH_LOAD), str(out), "--no-tokenizer"], capture_output=True,
-                         text=True, cwd=tmp_path, timeout=300)
+    res = subprocess.run(
+        [sys.executable, str(FRESH_LOAD), str(out), "--no-tokenizer"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     info = json.loads(res.stdout.strip().splitlines()[-1])
     assert info["params"] == total_params(model)
@@ -176,12 +181,17 @@ def test_selection_is_cost_aware_and_lands_near_budget():
     beta = np.random.default_rng(0).random(len(units))
     cand = np.ones(len(units), dtype=bool)
     n0 = non_embedding_params(model)
-    budget = round_budget(n0, 0, target_sparsity=0.3, p_iter=0.3)
+    budget = round_budget(n0, 0, target_sparsity=0.3, p_iter=0.3, round_index=0)
     remove = select_removals(units, beta, cand, budget)
     removed = _expected_drop(units, remove)
     assert abs(removed - budget) <= units.cost.min() / 2 + 1
-    assert round_budget(n0, removed_so_far=int(0.25 * n0), target_sparsity=0.3, p_iter=0.1) == round(0.3 * n0) - int(
-        0.25 * n0
+    # cumulative schedule: round 2 of p_iter 0.1 aims at 0.3 of the original, making up round 1's shortfall
+    assert round_budget(n0, removed_so_far=int(0.19 * n0), target_sparsity=0.5, p_iter=0.1, round_index=2) == round(
+        0.3 * n0
+    ) - int(0.19 * n0)
+    # ... and never past the target
+    assert round_budget(n0, int(0.45 * n0), target_sparsity=0.5, p_iter=0.1, round_index=6) == round(0.5 * n0) - int(
+        0.45 * n0
     )
     # a lower beta is removed before a higher one of the same cost
     mlp = units[units.kind == MLP].unit.to_numpy()
