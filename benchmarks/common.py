@@ -1,0 +1,56 @@
+"""Helpers shared by the benchmark scripts: run a command and measure it, record provenance, write JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+WIKI_VALID = SHARED / "assets/corpus/wikitext-2/wiki.valid.tokens"
+WIKI_TEST_RAW = SHARED / "assets/corpus/wikitext-2/wiki.test.raw"
+
+
+def run_measured(args: list[str], log_path: Path) -> dict:
+    """Run a command to completion; wall time and the child's own peak RSS (from wait4), output to a log."""
+    env = {**os.environ, "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1"}
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - started
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        tail = log_path.read_text()[-3000:]
+        raise SystemExit(f"command failed ({code}): {shlex.join(args)}\n{tail}")
+    return {"wall_seconds": wall, "peak_rss_mib": usage.ru_maxrss / 1024}
+
+
+def bonsai_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "bonsai.cli", *args]
+
+
+def provenance() -> dict:
+    """Call at the start of a benchmark: the commit whose code the run uses."""
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                capture_output=True, text=True).stdout.strip())
+    return {
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "git_commit": commit, "git_dirty": dirty, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+    }
+
+
+def write_result(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+    print(f"wrote {path}")
