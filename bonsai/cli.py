@@ -46,9 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="smollm2-135m",
         help="hub id, local HF dir, .gguf file, or the alias smollm2-135m (default)",
     )
-    pr.add_argument(
-        "--sparsity", type=float, default=None, help="share of non-embedding parameters to remove"
-    )
+    pr.add_argument("--sparsity", type=float, default=None, help="share of non-embedding parameters to remove")
     pr.add_argument("--out", required=True, help="output directory of the pruned checkpoint")
     pr.add_argument("--preset", choices=sorted(PRESETS), default=None)
     pr.add_argument(
@@ -70,6 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--json", default=None, help="write the metrics here (atomically)")
+    ev.add_argument(
+        "--zeroshot",
+        default=None,
+        metavar="TASKS",
+        help="zero-shot tasks through lm-eval: 'all' (boolq, piqa, hellaswag, winogrande, arc_easy, "
+        "arc_challenge, openbookqa) or a comma-separated list",
+    )
+    ev.add_argument(
+        "--zeroshot-dir",
+        default=None,
+        help="local task files (e.g. ../shared/assets/zeroshot); without it the stock tasks need the hub",
+    )
+    ev.add_argument("--limit", type=int, default=None, help="zero-shot: first N documents per task")
     return p
 
 
@@ -99,15 +110,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "calib": args.calib,
         "seed": args.seed,
     }
-    overrides.update(
-        {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _) in KNOB_FLAGS.items()}
-    )
+    overrides.update({key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _) in KNOB_FLAGS.items()})
     cfg = resolve_config(overrides, args.config)
     work = Path(args.work_dir or f"{args.out}.work")
     if work.exists() and any(work.iterdir()) and not args.resume:
-        raise BonsaiError(
-            f"work directory {work} holds an earlier run; pass --resume to continue it, or remove it"
-        )
+        raise BonsaiError(f"work directory {work} holds an earlier run; pass --resume to continue it, or remove it")
     from flows.prune import run_prune
 
     fresh_work = not work.exists()
@@ -123,8 +130,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from bonsai.zeroshot import ZEROSHOT_TASKS
     from flows.evaluation import evaluation_flow
 
+    tasks = None
+    if args.zeroshot:
+        tasks = list(ZEROSHOT_TASKS) if args.zeroshot == "all" else [t.strip() for t in args.zeroshot.split(",")]
+        unknown = sorted(set(tasks) - set(ZEROSHOT_TASKS))
+        if unknown:
+            raise BonsaiError(
+                f"unknown zero-shot task(s) {', '.join(unknown)}; choose from {', '.join(ZEROSHOT_TASKS)}"
+            )
+    if args.limit is not None and args.limit < 1:
+        raise BonsaiError(f"--limit must be >= 1, got {args.limit}")
     metrics = evaluation_flow(
         args.model,
         data=args.data,
@@ -134,11 +152,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         reference=args.reference,
         batch_size=args.batch_size,
         json_path=args.json,
+        zeroshot_tasks=tasks,
+        zeroshot_dir=args.zeroshot_dir,
+        zeroshot_limit=args.limit,
     )
     line = f"perplexity {metrics['ppl']:.4f} on {metrics['n_windows']} windows × {metrics['seq_len']} tokens"
     if "kl" in metrics:
         line += f"; KL to reference {metrics['kl']:.5f}, top-1 agreement {metrics['top1_agreement']:.4f}"
     print(line)
+    if "zeroshot" in metrics:
+        zs = metrics["zeroshot"]
+        accs = ", ".join(f"{t} {v['value']:.3f} ({v['metric']})" for t, v in zs["tasks"].items())
+        print(f"zero-shot (lm-eval {zs['lm_eval_version']}, limit {zs['limit']}): {accs}; mean {zs['mean']:.3f}")
     if args.json:
         print(f"metrics written to {args.json}")
     return 0
@@ -153,9 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bonsai: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            "bonsai: interrupted; finished shards and rounds are kept, rerun with --resume", file=sys.stderr
-        )
+        print("bonsai: interrupted; finished shards and rounds are kept, rerun with --resume", file=sys.stderr)
         return 130
 
 

@@ -7,7 +7,7 @@ from prefect import flow
 from bonsai.sources import cache_root
 from flows.calibration import calibration_flow
 from tasks.data_tasks import materialize_model_task, record_source
-from tasks.eval_tasks import evaluate_task
+from tasks.eval_tasks import evaluate_task, write_metrics, zeroshot_task
 
 
 @flow(name="bonsai-evaluate")
@@ -21,11 +21,15 @@ def evaluation_flow(
     batch_size: int = 8,
     json_path: str | None = None,
     windows_dir: str | None = None,
+    zeroshot_tasks: list[str] | None = None,
+    zeroshot_dir: str | None = None,
+    zeroshot_limit: int | None = None,
 ) -> dict:
     """Evaluate `model` on `n_windows` non-overlapping windows of `data`.
 
     `data="self"` is text sampled from the dense model (the reference, else the pruned model's recorded source),
-    with a seed different from calibration's, so it is held out.
+    with a seed different from calibration's, so it is held out. `zeroshot_tasks` adds lm-eval accuracies
+    (`zeroshot_dir`: local task files, e.g. ../shared/assets/zeroshot; without it the stock tasks need the hub).
     """
     model_ref = materialize_model_task(model)
     ref_ref = materialize_model_task(reference) if reference else None
@@ -33,4 +37,9 @@ def evaluation_flow(
     windows = calibration_flow(
         text_model, data, n_windows, seq_len, seed, "evaluation", windows_dir or str(cache_root() / "windows")
     )
-    return evaluate_task(model_ref, windows, batch_size, ref_ref, json_path)
+    metrics = evaluate_task(model_ref, windows, batch_size, ref_ref, json_path)
+    if zeroshot_tasks:
+        metrics["zeroshot"] = zeroshot_task(model_ref, zeroshot_tasks, zeroshot_dir, zeroshot_limit, batch_size)
+    if json_path:
+        write_metrics(json_path, metrics)
+    return metrics

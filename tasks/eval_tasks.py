@@ -11,6 +11,7 @@ from bonsai.artifacts import write_table
 from bonsai.checkpoint import load_for_pruning, write_json_atomic
 from bonsai.data import load_windows
 from bonsai.evaluate import evaluation_summary
+from bonsai.zeroshot import run_zeroshot
 from tasks.prune_tasks import TASK_OPTS
 
 
@@ -18,7 +19,8 @@ from tasks.prune_tasks import TASK_OPTS
 def evaluate_task(
     model: dict, windows: dict, batch_size: int, reference: dict | None = None, json_path: str | None = None
 ) -> dict:
-    """Metrics dict; with `json_path`, also the metrics JSON and a per-window Parquet beside it."""
+    """Metrics dict; with `json_path`, the per-window losses go to a Parquet beside where the metrics JSON will
+    be written (by the flow, once every metric is in)."""
     loaded, _, _ = load_for_pruning(model["path"])
     ref = load_for_pruning(reference["path"])[0] if reference else None
     win, _ = load_windows(windows["path"])
@@ -39,5 +41,19 @@ def evaluate_task(
             pd.DataFrame({"window": range(len(per_window)), "nll": per_window}),
             out.with_suffix(".windows.parquet"),
         )
-        write_json_atomic(out, metrics)
     return metrics
+
+
+def write_metrics(json_path: str, metrics: dict) -> None:
+    """The metrics JSON, atomically."""
+    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(json_path, metrics)
+
+
+@task(**TASK_OPTS)
+def zeroshot_task(model: dict, tasks: list[str], data_dir: str | None, limit: int | None, batch_size: int) -> dict:
+    """Zero-shot accuracy through lm-eval: offline task configs over `data_dir`, or the stock tasks (hub)."""
+    loaded, tokenizer, _ = load_for_pruning(model["path"])
+    return run_zeroshot(
+        loaded, tokenizer, tasks, data_dir=Path(data_dir) if data_dir else None, limit=limit, batch_size=batch_size
+    )

@@ -62,8 +62,9 @@ def test_prune_hits_target_and_records_everything(pruned):
 
 
 def test_pruned_model_loads_in_fresh_process_and_generates(pruned):
-    res = subprocess.run([sys.executable, str(FRESH_LOAD), str(pruned)], capture_output=True, text=True,
-                         cwd=pruned.parent, timeout=300)
+    res = subprocess.run(
+        [sys.executable, str(FRESH_LOAD), str(pruned)], capture_output=True, text=True, cwd=pruned.parent, timeout=300
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     info = json.loads(res.stdout.strip().splitlines()[-1])
     assert info["params"] == read_record(pruned)["summary"]["total_params_after"]
@@ -72,8 +73,9 @@ def test_pruned_model_loads_in_fresh_process_and_generates(pruned):
 
 def test_bonsai_beats_random_units_on_held_out_text(pruned, stories_dir):
     dense, tokenizer, _ = load_for_pruning(stories_dir)
-    windows, _ = prepare_windows("self", tokenizer, n_windows=16, seq_len=128, seed=0, purpose="evaluation",
-                                 model=dense)
+    windows, _ = prepare_windows(
+        "self", tokenizer, n_windows=16, seq_len=128, seed=0, purpose="evaluation", model=dense
+    )
     bonsai_model, _, _ = load_for_pruning(pruned)
     target = non_embedding_params(bonsai_model)
     bonsai_ppl = perplexity(bonsai_model, windows)
@@ -90,12 +92,57 @@ def test_same_seed_gives_bitwise_identical_weights(pruned, stories_dir, tmp_path
 
 def test_eval_command_writes_metrics(pruned, stories_dir, tmp_path, capsys):
     out = tmp_path / "metrics.json"
-    rc = main(["eval", "--model", str(pruned), "--reference", str(stories_dir), "--windows", "4", "--seq-len", "64",
-               "--json", str(out)])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(pruned),
+            "--reference",
+            str(stories_dir),
+            "--windows",
+            "4",
+            "--seq-len",
+            "64",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     metrics = json.loads(out.read_text())
     assert metrics["ppl"] > 1 and metrics["kl"] > 0 and 0 < metrics["top1_agreement"] < 1
     assert "KL to reference" in capsys.readouterr().out
+
+
+def test_eval_command_zero_shot_offline(pruned, zeroshot_dir, tmp_path, capsys):
+    out = tmp_path / "zs.json"
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(pruned),
+            "--windows",
+            "2",
+            "--seq-len",
+            "32",
+            "--zeroshot",
+            "piqa,boolq",
+            "--zeroshot-dir",
+            str(zeroshot_dir),
+            "--limit",
+            "4",
+            "--json",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    zs = json.loads(out.read_text())["zeroshot"]
+    assert set(zs["tasks"]) == {"piqa", "boolq"} and zs["limit"] == 4
+    assert all(0.0 <= t["value"] <= 1.0 for t in zs["tasks"].values())
+    assert "zero-shot (lm-eval" in capsys.readouterr().out
+
+
+def test_eval_rejects_unknown_zero_shot_task(pruned, capsys):
+    _fails(["eval", "--model", str(pruned), "--zeroshot", "piqa,mmlu"], capsys, "unknown zero-shot task(s) mmlu")
 
 
 def _fails(args, capsys, match):
@@ -106,8 +153,11 @@ def _fails(args, capsys, match):
 
 @pytest.mark.parametrize("sparsity", ["0", "1", "1.5", "-0.2"])
 def test_sparsity_outside_open_interval(sparsity, tmp_path, capsys, stories_dir):
-    _fails(["prune", "--model", str(stories_dir), "--sparsity", sparsity, "--out", str(tmp_path / "o")], capsys,
-           "sparsity must be in (0, 1)")
+    _fails(
+        ["prune", "--model", str(stories_dir), "--sparsity", sparsity, "--out", str(tmp_path / "o")],
+        capsys,
+        "sparsity must be in (0, 1)",
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -123,8 +173,11 @@ def test_errors_leave_no_output(tmp_path, capsys, stories_dir):
     short = tmp_path / "short.txt"
     short.write_text("Once upon a time there was a cat.\n")
     _fails(["prune", "--model", str(stories_dir), "--calib", str(short), *common], capsys, "tokens; 8 windows")
-    _fails(["prune", "--model", str(stories_dir), "--sparsity", "0.998", "--out", str(out)], capsys,
-           "cannot be reached without removing every unit")
+    _fails(
+        ["prune", "--model", str(stories_dir), "--sparsity", "0.998", "--out", str(out)],
+        capsys,
+        "cannot be reached without removing every unit",
+    )
     assert not out.exists() and not Path(f"{out}.work").exists()
 
 
@@ -133,8 +186,21 @@ def test_unknown_architecture(tmp_path, capsys):
 
     gpt2 = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(gpt2)
-    _fails(["prune", "--model", str(gpt2), "--sparsity", "0.5", "--out", str(tmp_path / "o"), "--calib",
-            str(gpt2 / "config.json")], capsys, "unsupported architecture 'gpt2'; supported model types")
+    _fails(
+        [
+            "prune",
+            "--model",
+            str(gpt2),
+            "--sparsity",
+            "0.5",
+            "--out",
+            str(tmp_path / "o"),
+            "--calib",
+            str(gpt2 / "config.json"),
+        ],
+        capsys,
+        "unsupported architecture 'gpt2'; supported model types",
+    )
     assert not (tmp_path / "o").exists()
 
 
