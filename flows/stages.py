@@ -33,7 +33,15 @@ DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "model": {"source": "smollm2-135m"},
     "calibration": {"source": "self", "n_windows": 8, "seq_len": 128, "seed": 0},
     "prune": {"preset": "fast", "sparsity": 0.5, "seed": 0},
-    "evaluate": {"data": "self", "n_windows": 32, "seq_len": 256, "batch_size": 8},
+    "evaluate": {
+        "data": "self",
+        "n_windows": 32,
+        "seq_len": 256,
+        "batch_size": 8,
+        "zeroshot_tasks": [],
+        "zeroshot_dir": None,
+        "zeroshot_limit": None,
+    },
 }
 # PruneConfig keys that come from other sections, so that one value has one home
 PRUNE_KEYS_ELSEWHERE = {
@@ -199,6 +207,9 @@ def stage_evaluate(params_file: str) -> None:
         reference=MODEL_DIR,
         batch_size=int(p["batch_size"]),
         json_path=f"{EVAL_DETAILS}/pruned.json",
+        zeroshot_tasks=list(p["zeroshot_tasks"]) or None,
+        zeroshot_dir=p["zeroshot_dir"],
+        zeroshot_limit=p["zeroshot_limit"],
     )
     s = read_record(PRUNED_DIR)["summary"]
     metrics = {
@@ -219,6 +230,9 @@ def stage_evaluate(params_file: str) -> None:
         "total_sparsity": s["total_sparsity"],
         "eval": {"data": str(p["data"]), "n_windows": m["n_windows"], "seq_len": m["seq_len"], "tokens": m["tokens"]},
     }
+    if "zeroshot" in m:
+        metrics["pruned"]["zeroshot_mean"] = m["zeroshot"]["mean"]
+        metrics["pruned"].update({f"zeroshot_{t}": v["value"] for t, v in m["zeroshot"]["tasks"].items()})
     _write_json(METRICS_JSON, metrics)
     print(
         f"perplexity dense {m['reference_ppl']:.4f} → pruned {m['ppl']:.4f}; KL {m['kl']:.5f}, "
@@ -227,21 +241,9 @@ def stage_evaluate(params_file: str) -> None:
 
 
 def stage_report(params_file: str) -> None:
-    from bonsai.checkpoint import read_record
-    from bonsai.report import original_shapes_from_config, write_report
+    from flows.report import report_flow
 
-    record = read_record(PRUNED_DIR)
-    metrics = json.loads(Path(METRICS_JSON).read_text())
-    dense_config = json.loads((Path(MODEL_DIR) / "config.json").read_text())
-    path = write_report(
-        Path(REPORT_DIR),
-        record=record,
-        eval_metrics={"dense": metrics["dense"], "pruned": metrics["pruned"]},
-        zeroshot=None,
-        speed=None,
-        title="Bonsai pipeline report",
-        original_shapes=original_shapes_from_config(dense_config),
-    )
+    path = report_flow(PRUNED_DIR, METRICS_JSON, MODEL_DIR, REPORT_DIR, zeroshot_json=f"{EVAL_DETAILS}/pruned.json")
     print(f"report written: {path}")
 
 

@@ -69,7 +69,7 @@ def _write_params(root: Path, **changes) -> None:
 
 
 @pytest.fixture(scope="module")
-def pipeline(stories_dir, tmp_path_factory, prefect_harness):
+def pipeline(stories_dir, zeroshot_dir, tmp_path_factory, prefect_harness):
     """A repository copy after its first `dvc repro`; returns (root, output of that repro)."""
     lock_existed = (REPO_ROOT / "dvc.lock").exists()
     root = tmp_path_factory.mktemp("dvc") / "repo"
@@ -96,6 +96,9 @@ def pipeline(stories_dir, tmp_path_factory, prefect_harness):
         prune__n_samples=8,
         evaluate__n_windows=4,
         evaluate__seq_len=32,
+        evaluate__zeroshot_tasks=["piqa"],
+        evaluate__zeroshot_dir=str(zeroshot_dir),
+        evaluate__zeroshot_limit=4,
     )
     out = _run(root, "dvc", "repro")
     yield root, out
@@ -125,10 +128,13 @@ def test_first_repro_runs_every_stage(pipeline):
     rows = (report / "rounds.csv").read_text().splitlines()
     assert rows[0].startswith("round,non_embedding_params") and len(rows) == 2 + len(record["rounds"])
     assert "| pruned |" in (report / "report.md").read_text()
+    assert 0.0 <= metrics["pruned"]["zeroshot_piqa"] <= 1.0  # zero-shot through lm-eval in the evaluate step
+    assert "piqa" in (report / "report.md").read_text()
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
     assert set(lock["stages"]["evaluate"]["params"]["params.yaml"]) == {
-        "evaluate.data", "evaluate.n_windows", "evaluate.seq_len", "evaluate.batch_size"
+        "evaluate.data", "evaluate.n_windows", "evaluate.seq_len", "evaluate.batch_size",
+        "evaluate.zeroshot_tasks", "evaluate.zeroshot_dir", "evaluate.zeroshot_limit",
     }
 
 
