@@ -32,6 +32,11 @@ def run_measured(args: list[str], log_path: Path) -> dict:
     return {"wall_seconds": wall, "peak_rss_mib": usage.ru_maxrss / 1024}
 
 
+def rel(path: str | Path) -> str:
+    """A path as the commands see it (they run in the repo root), so results hold no machine-specific prefix."""
+    return os.path.relpath(path, REPO)
+
+
 def bonsai_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "bonsai.cli", *args]
 

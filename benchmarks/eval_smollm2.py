@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import REPO, SHARED, WIKI_TEST_RAW, bonsai_cmd, provenance, run_measured, write_result
+from common import REPO, SHARED, WIKI_TEST_RAW, bonsai_cmd, provenance, rel, run_measured, write_result
 
 from bonsai.checkpoint import load_for_pruning, read_record
 from bonsai.report import original_shapes_from_config, write_report
@@ -41,8 +41,8 @@ def main() -> None:
     dense_dir = resolve_model_source(args.model)
     work = pruned_dir.parent
     metrics_json = work / "eval_with_reference.json"
-    run_measured(bonsai_cmd("eval", "--model", str(pruned_dir), "--reference", args.model, "--data",
-                            str(WIKI_TEST_RAW), "--windows", "128", "--seq-len", "512", "--json", str(metrics_json)),
+    run_measured(bonsai_cmd("eval", "--model", rel(pruned_dir), "--reference", args.model, "--data",
+                            rel(WIKI_TEST_RAW), "--windows", "128", "--seq-len", "512", "--json", str(metrics_json)),
                  work / "eval_with_reference.log")
     ppl = json.loads(metrics_json.read_text())
 

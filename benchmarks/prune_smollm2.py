@@ -12,7 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
-from common import REPO, WIKI_TEST_RAW, WIKI_VALID, bonsai_cmd, provenance, run_measured, write_result
+from common import REPO, WIKI_TEST_RAW, WIKI_VALID, bonsai_cmd, provenance, rel, run_measured, write_result
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
         raise SystemExit(f"needs ../shared (WikiText-2): {WIKI_VALID} is absent")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    eval_flags = ["--data", str(WIKI_TEST_RAW), "--windows", str(args.eval_windows), "--seq-len",
+    eval_flags = ["--data", rel(WIKI_TEST_RAW), "--windows", str(args.eval_windows), "--seq-len",
                   str(args.eval_seq_len)]
 
     dense_json = work / "dense_eval.json"
@@ -44,11 +44,11 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(f"{out}.work", ignore_errors=True)
         prune = run_measured(bonsai_cmd("prune", "--model", args.model, "--sparsity", str(sparsity), "--preset",
-                                        args.preset, "--calib", str(WIKI_VALID), "--out", str(out), *args.extra),
+                                        args.preset, "--calib", rel(WIKI_VALID), "--out", rel(out), *args.extra),
                              work / f"prune_s{sparsity}.log")
         record = json.loads((out / "pruning_record.json").read_text())
         metrics_json = work / f"eval_s{sparsity}.json"
-        evaluation = run_measured(bonsai_cmd("eval", "--model", str(out), *eval_flags, "--json", str(metrics_json)),
+        evaluation = run_measured(bonsai_cmd("eval", "--model", rel(out), *eval_flags, "--json", str(metrics_json)),
                                   work / f"eval_s{sparsity}.log")
         metrics = json.loads(metrics_json.read_text())
         s = record["summary"]

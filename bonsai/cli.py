@@ -98,7 +98,7 @@ def _print_summary(s: dict) -> None:
         )
         + f"  calibration perplexity:     {s['calib_ppl_before']:.3f} -> {s['calib_ppl_after']:.3f}\n"
         f"  rounds: {s['rounds']}   forward tokens: {s['forward_tokens']:,}   wall time: {s['wall_seconds']:.1f} s\n"
-        f"  pruned model: {s['out']}"
+        f"  pruned model: {Path(s['out']).resolve()}"
     )
 
 

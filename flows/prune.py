@@ -147,7 +147,7 @@ def prune_flow(config: PruneConfig, out: str, work_dir: str | None = None, overw
         raise BonsaiError(f"realised sparsity {realised:.4f} misses the target {cfg.sparsity} by more than 0.5 points")
     final = rounds[-1]
     summary = {
-        "out": str(Path(out).resolve()),
+        "out": str(out),
         "source_model": cfg.model,
         "target_sparsity": cfg.sparsity,
         "sparsity": realised,

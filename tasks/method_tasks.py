@@ -110,7 +110,7 @@ def one_shot_summary(ckpt: dict, target: float, source_model: str, out: str, sta
             f"{ms['method']}: realised sparsity {ms['sparsity']:.4f} misses the target {target} by more than 0.5 points"
         )
     return {
-        "out": str(Path(out).resolve()),
+        "out": str(out),
         "source_model": source_model,
         "target_sparsity": target,
         "sparsity": ms["sparsity"],
