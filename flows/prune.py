@@ -69,6 +69,7 @@ def prune_flow(config: PruneConfig, out: str, work_dir: str | None = None, overw
         "config": cfg.to_dict(),
         "seed": cfg.seed,
         "source_model": cfg.model,
+        "source_path": model_ref["path"],  # resolved local dir: how evaluation finds the dense source later
         "source_sha256": model_ref["sha256"],
         "calibration": {
             "source": cfg.calib,

@@ -54,6 +54,7 @@ def test_prune_hits_target_and_records_everything(pruned):
     assert non_embedding_params(model) == summary["non_embedding_params_after"]
     assert record["config"]["preset"] == "fast" and record["seed"] == 0
     assert record["calibration"]["source"] == "self" and record["source_sha256"]
+    assert Path(record["source_path"]).is_dir() and (Path(record["source_path"]) / "config.json").is_file()
     assert len(record["rounds"]) == summary["rounds"] >= 5
     assert all("calib_nll" in r and "non_embedding_params" in r for r in record["rounds"])
     shapes = json.loads((pruned / "config.json").read_text())["bonsai_layers"]
