@@ -163,13 +163,7 @@ def prune_flow(config: PruneConfig, out: str, work_dir: str | None = None, overw
         "forward_tokens": forward_tokens,
         "wall_seconds": time.time() - started,
     }
-    publish_checkpoint(ckpt["path"], out, {"summary": summary}, overwrite=overwrite)
-    create_markdown_artifact(
-        "### Bonsai summary\n\n| key | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in summary.items()),
-        key="bonsai-summary",
-        description="Bonsai prune summary",
-    )
-    return summary
+    return _publish(ckpt["path"], out, summary, "Bonsai", overwrite)
 
 
 def _one_shot(cfg, out, work, overwrite, model_ref, windows, base_record, started) -> dict:
@@ -177,12 +171,17 @@ def _one_shot(cfg, out, work, overwrite, model_ref, windows, base_record, starte
     method_dir = work / f"{cfg.method}-{content_key(model_ref['sha256'], windows['sha256'], method_knobs)}"
     ckpt = one_shot_task(model_ref, windows, cfg.to_dict(), str(method_dir), base_record)
     summary = one_shot_summary(ckpt, cfg.sparsity, cfg.model, out, started)
-    publish_checkpoint(ckpt["path"], out, {"summary": summary}, overwrite=overwrite)
+    return _publish(ckpt["path"], out, summary, cfg.method, overwrite)
+
+
+def _publish(checkpoint: str, out: str, summary: dict, method: str, overwrite: bool) -> dict:
+    """The finished checkpoint to `out` with its summary in the record, and the summary as a Prefect artifact."""
+    publish_checkpoint(checkpoint, out, {"summary": summary}, overwrite=overwrite)
+    table = "".join(f"| {k} | {v} |\n" for k, v in summary.items())
     create_markdown_artifact(
-        f"### {cfg.method} summary\n\n| key | value |\n|---|---|\n"
-        + "".join(f"| {k} | {v} |\n" for k, v in summary.items()),
+        f"### {method} summary\n\n| key | value |\n|---|---|\n{table}",
         key="bonsai-summary",
-        description=f"{cfg.method} prune summary",
+        description=f"{method} prune summary",
     )
     return summary
 

@@ -57,11 +57,6 @@ def _windows(path: str, sha: str) -> np.ndarray:
     return load_windows(path)[0]
 
 
-def _units(path: str, sha: str) -> pd.DataFrame:
-    model, _, kept = _checkpoint(path, sha)
-    return unit_table(model, kept)
-
-
 @task(**TASK_OPTS)
 def prior_task(
     ckpt: dict, windows: dict, prior: str, p_iter: float, batch_size: int, seed: int, round_dir: str
@@ -95,9 +90,7 @@ def sample_task(prior_ref: dict, p_iter: float, n_samples: int, seed: int, round
     sha = _reuse(path, "mask table")
     if sha is None:
         units, _ = read_table(prior_ref["path"])
-        keep = sample_masks(
-            units, units["prior"].to_numpy(), units["candidate"].to_numpy(), p_iter, n_samples, seed
-        )
+        keep = sample_masks(units, units["prior"].to_numpy(), units["candidate"].to_numpy(), p_iter, n_samples, seed)
         table = pd.DataFrame(
             {
                 "sample": np.arange(n_samples, dtype=np.int32),
@@ -204,9 +197,7 @@ def shrink_task(
         if not unit_table(model, kept)[["layer", "kind", "index", "cost"]].equals(
             units[["layer", "kind", "index", "cost"]]
         ):
-            raise RuntimeError(
-                f"unit table {importance_ref['path']} does not match checkpoint {ckpt['path']}"
-            )
+            raise RuntimeError(f"unit table {importance_ref['path']} does not match checkpoint {ckpt['path']}")
         beta = units["beta"].fillna(np.inf).to_numpy()
         remove = select_removals(units, beta, units["candidate"].to_numpy(), budget)
         new_kept = shrink_model(model, units, remove, kept)
