@@ -141,8 +141,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise BonsaiError(
                 f"unknown zero-shot task(s) {', '.join(unknown)}; choose from {', '.join(ZEROSHOT_TASKS)}"
             )
-    if args.limit is not None and args.limit < 1:
-        raise BonsaiError(f"--limit must be >= 1, got {args.limit}")
+    for flag, value, least in (
+        ("--windows", args.windows, 1),
+        ("--seq-len", args.seq_len, 2),
+        ("--batch-size", args.batch_size, 1),
+        ("--limit", args.limit, 1),
+    ):
+        if value is not None and value < least:
+            raise BonsaiError(f"{flag} must be >= {least}, got {value}")
     metrics = evaluation_flow(
         args.model,
         data=args.data,

@@ -142,6 +142,13 @@ def test_eval_command_zero_shot_offline(pruned, zeroshot_dir, tmp_path, capsys):
     assert "zero-shot (lm-eval" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    "flag, value", [("--windows", "0"), ("--seq-len", "1"), ("--batch-size", "0"), ("--limit", "0")]
+)
+def test_eval_rejects_bad_numbers(pruned, capsys, flag, value):
+    _fails(["eval", "--model", str(pruned), flag, value], capsys, f"{flag} must be >= ")
+
+
 def test_eval_rejects_unknown_zero_shot_task(pruned, capsys):
     _fails(["eval", "--model", str(pruned), "--zeroshot", "piqa,mmlu"], capsys, "unknown zero-shot task(s) mmlu")
 
