@@ -23,6 +23,7 @@ from bonsai.errors import BonsaiError
 from bonsai.methods import ONE_SHOT, count_nonzero_non_embedding, run_method
 from bonsai.methods.common import projections
 from bonsai.methods.flap import apply_compensation, compensation, flap_scores, select
+from bonsai.methods.llm_pruner import llm_pruner, protected_layers
 from bonsai.methods.mosaic import allocate
 from bonsai.methods.sparse24 import mask_2_of_4
 from bonsai.prior import collect_activation_stats
@@ -48,7 +49,12 @@ def _windows(seed=0, n=4, seq=16, vocab=96):
 def _run(method, family="llama", sparsity=0.3, seed=0, **kw):
     model = tiny_model(family, seed=seed)
     n0 = non_embedding_params(model)
-    result = run_method(method, model, full_kept(model), _windows(seed), sparsity=sparsity, batch_size=2, **kw)
+    if method == "llm_pruner":
+        # the tiny models have two layers, both of which LLM-Pruner's first/last-layer protection would keep
+        result = llm_pruner(model, full_kept(model), _windows(seed), sparsity=sparsity, batch_size=2,
+                            protect_first=0, protect_last=0, **kw)
+    else:
+        result = run_method(method, model, full_kept(model), _windows(seed), sparsity=sparsity, batch_size=2, **kw)
     return model, n0, result
 
 
@@ -216,6 +222,29 @@ def test_shortgpt_removes_whole_layers_then_channels(stories_dir):
     assert abs((1 - non_embedding_params(model) / n0) - 0.5) <= TOL
 
 
+def test_llm_pruner_leaves_the_first_and_last_layers_alone(stories_dir):
+    from bonsai.checkpoint import load_for_pruning
+
+    assert protected_layers(32) == (4, 2) and protected_layers(30) == (4, 2)  # the paper's 4 + 2 of 32
+    assert protected_layers(5) == (1, 1) and protected_layers(2, 0, 0) == (0, 0)
+    model, _, kept = load_for_pruning(stories_dir)
+    n0 = non_embedding_params(model)
+    before = {li: [p.detach().clone() for p in model.model.layers[li].parameters()] for li in (0, 4)}
+    windows = np.random.default_rng(0).integers(3, 512, size=(2, 32))
+    result = llm_pruner(model, kept, windows, sparsity=0.4, batch_size=2)
+    assert result.details["protected_layers"] == [0, 4]
+    assert abs((1 - non_embedding_params(model) / n0) - 0.4) <= TOL  # the middle layers carry the whole target
+    for li, params in before.items():  # untouched: same shapes, same values, all units kept
+        assert all(torch.equal(a, b) for a, b in zip(params, model.model.layers[li].parameters(), strict=True))
+        assert result.kept["attn"][li] == kept["attn"][li] and result.kept["mlp"][li] == kept["mlp"][li]
+    assert all(len(result.kept["mlp"][li]) < len(kept["mlp"][li]) for li in (1, 2, 3))
+    with pytest.raises(BonsaiError, match=r"keeps the first 1 and last 1 of 5 layers .* choose a sparsity below"):
+        llm_pruner(load_for_pruning(stories_dir)[0], kept, windows, sparsity=0.62, batch_size=2)
+    with pytest.raises(BonsaiError, match="first 1 and last 1 of 2 layers"):  # nothing left to prune
+        run_method("llm_pruner", tiny_model("llama"), full_kept(tiny_model("llama")), _windows(), sparsity=0.2,
+                   batch_size=2)
+
+
 def test_config_lists_methods_and_validates_knobs():
     assert set(METHODS) == {"bonsai", *ONE_SHOT}
     with pytest.raises(BonsaiError, match="unknown method 'obs'; choose one of bonsai, flap, wanda_sp"):
@@ -280,7 +309,8 @@ def test_compare_flow_writes_table_markdown_and_plot(stories_dir, tmp_path, pref
     from flows.compare import compare_flow
 
     res = compare_flow(str(stories_dir), ["magnitude", "sparse24"], [0.3], str(tmp_path / "cmp"),
-                       calib_windows=2, calib_seq_len=32, eval_windows=2, eval_seq_len=32, batch_size=2)
+                       calib_windows=2, calib_seq_len=32, eval_windows=2, eval_seq_len=32, batch_size=2,
+                       speed_prompt_len=16, speed_runs=1)
     table = pd.read_parquet(res["table"])
     assert table["method"].tolist() == ["dense", "magnitude", "sparse24"]
     assert table.loc[1, "target_sparsity"] == 0.3 and table.loc[2, "target_sparsity"] == 0.5
@@ -288,5 +318,6 @@ def test_compare_flow_writes_table_markdown_and_plot(stories_dir, tmp_path, pref
     assert (table.loc[1:, "forward_tokens"] > 0).all() and (table.loc[1:, "peak_rss_mb"] > 0).all()
     assert table.loc[2, "non_embedding_params"] == table.loc[0, "non_embedding_params"]  # 2:4 keeps shapes
     assert table.loc[2, "nonzero_non_embedding_params"] < 0.52 * table.loc[0, "non_embedding_params"]
+    assert (table["prefill_speedup"] > 0).all()
     assert "| magnitude |" in Path(res["markdown"]).read_text()
     assert Path(res["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

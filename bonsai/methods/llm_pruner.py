@@ -5,6 +5,12 @@ the calibration windows with one backward pass per batch. A weight's importance 
 the sum over every weight it owns (a KV group: its rows of q/k/v and columns of o, biases of q/k/v included;
 an MLP channel: its rows of gate/up and column of down). Selection is global and cost-aware: units are removed
 in order of importance per owned parameter (the estimated loss increase per parameter freed) until the target.
+
+As in LLM-Pruner, the first and last decoder layers are not pruned: they are the most sensitive, and the paper's
+scripts (horseee/LLM-Pruner, `--block_*_layer_start 4 --block_*_layer_end 30` on the 32 layers of LLaMA-7B)
+keep the first four and the last two. `protected_layers` scales that share (4/32 and 2/32, at least one layer
+each) to the model's depth; the other layers are pruned more so that the whole model still reaches the target,
+and a target the unprotected layers cannot carry is refused.
 """
 
 from __future__ import annotations
@@ -15,26 +21,45 @@ import torch.nn.functional as F
 from torch import nn
 
 from bonsai.architectures import decoder_layers, group_size, head_dim
+from bonsai.errors import BonsaiError
 from bonsai.evaluate import _as_windows
 from bonsai.methods.common import (
     MethodResult,
     check_sizes,
-    global_select,
     per_cost,
     projections,
     removed_counts,
     target_removed,
 )
+from bonsai.selection import removable_params, select_removals
 from bonsai.shrink import shrink_model
 from bonsai.units import ATTN, unit_table
 
+# LLM-Pruner's setting on LLaMA-7B: of 32 layers, the first 4 and the last 2 are left alone
+PAPER_FIRST, PAPER_LAST, PAPER_LAYERS = 4, 2, 32
 
-def accumulate_gradients(model: nn.Module, windows: np.ndarray, batch_size: int) -> tuple[np.ndarray, int]:
-    """Gradients of the mean calibration loss on every projection (in `.grad`); per-window NLL, backward count."""
+
+def protected_layers(n_layers: int, first: int | None = None, last: int | None = None) -> tuple[int, int]:
+    """How many leading and trailing layers stay unpruned: given, or the paper's share scaled to `n_layers`
+    (at least one each)."""
+    if first is None:
+        first = max(1, round(n_layers * PAPER_FIRST / PAPER_LAYERS))
+    if last is None:
+        last = max(1, round(n_layers * PAPER_LAST / PAPER_LAYERS))
+    if first < 0 or last < 0:
+        raise BonsaiError(f"protected layer counts must be >= 0, got first={first}, last={last}")
+    return first, last
+
+
+def accumulate_gradients(
+    model: nn.Module, windows: np.ndarray, batch_size: int, layers: set[int] | None = None
+) -> tuple[np.ndarray, int]:
+    """Gradients of the mean calibration loss on the projections of `layers` (None: all) in `.grad`; per-window
+    NLL, backward count. Only those parameters require grad, so the backward pass stops at the first of them."""
     ids = _as_windows(windows)
     n = ids.shape[0]
-    params = [lin.weight for _, _, lin in projections(model)]
-    params += [lin.bias for _, _, lin in projections(model) if lin.bias is not None]
+    lins = [lin for li, _, lin in projections(model) if layers is None or li in layers]
+    params = [lin.weight for lin in lins] + [lin.bias for lin in lins if lin.bias is not None]
     flags = {id(p): p.requires_grad for p in model.parameters()}
     wanted = {id(p) for p in params}
     training = model.training
@@ -64,11 +89,12 @@ def accumulate_gradients(model: nn.Module, windows: np.ndarray, batch_size: int)
     return nll, passes
 
 
-def taylor_unit_importance(model: nn.Module, units) -> np.ndarray:
-    """Σ |w · g| over each unit's weights, from the `.grad` left by `accumulate_gradients`."""
+def taylor_unit_importance(model: nn.Module, units, only_layers: set[int] | None = None) -> np.ndarray:
+    """Σ |w · g| over each unit's weights, from the `.grad` left by `accumulate_gradients`; NaN for units of
+    layers outside `only_layers` (they have no gradients)."""
     hd, gs = head_dim(model.config), group_size(model.config)
     layers = decoder_layers(model)
-    out = np.zeros(len(units), dtype=np.float64)
+    out = np.full(len(units), np.nan, dtype=np.float64)
 
     def salience(p: torch.Tensor | None) -> torch.Tensor | None:
         if p is None or p.grad is None:
@@ -76,6 +102,8 @@ def taylor_unit_importance(model: nn.Module, units) -> np.ndarray:
         return (p.detach().double() * p.grad.detach().double()).abs().cpu()
 
     for (li, kind), rows in units.groupby(["layer", "kind"], sort=True):
+        if only_layers is not None and li not in only_layers:
+            continue
         order = rows.sort_values("index")
         n = len(order)
         if kind == ATTN:
@@ -105,17 +133,45 @@ def clear_gradients(model: nn.Module) -> None:
         p.grad = None
 
 
+def check_protected_reachable(
+    units, n0: int, sparsity: float, eligible: np.ndarray, first: int, last: int, n_layers: int
+) -> None:
+    """Refuse a target that the unprotected layers cannot carry without being emptied completely."""
+    carry = removable_params(units[eligible]) if eligible.any() else 0
+    if target_removed(n0, sparsity) >= carry:
+        raise BonsaiError(
+            f"llm_pruner keeps the first {first} and last {last} of {n_layers} layers unpruned (as LLM-Pruner does); "
+            f"the other layers hold {carry / n0:.1%} of the non-embedding parameters, so sparsity {sparsity:g} "
+            f"cannot be reached; choose a sparsity below {carry / n0:.3f}"
+        )
+
+
 def llm_pruner(
-    model: nn.Module, kept: dict, windows: np.ndarray, *, sparsity: float, batch_size: int, seed: int = 0
+    model: nn.Module,
+    kept: dict,
+    windows: np.ndarray,
+    *,
+    sparsity: float,
+    batch_size: int,
+    seed: int = 0,
+    protect_first: int | None = None,
+    protect_last: int | None = None,
 ) -> MethodResult:
+    """`protect_first` / `protect_last`: leading / trailing layers left unpruned (None: the paper's share)."""
     n0, _ = check_sizes(model)
     units = unit_table(model, kept)
-    nll, passes = accumulate_gradients(model, windows, batch_size)
+    n_layers = len(decoder_layers(model))
+    first, last = protected_layers(n_layers, protect_first, protect_last)
+    pruned_layers = set(range(first, n_layers - last))
+    eligible = units["layer"].isin(pruned_layers).to_numpy()
+    check_protected_reachable(units, n0, sparsity, eligible, first, last, n_layers)
+    nll, passes = accumulate_gradients(model, windows, batch_size, pruned_layers)
     try:
-        importance = taylor_unit_importance(model, units)
+        importance = taylor_unit_importance(model, units, pruned_layers)
     finally:
         clear_gradients(model)
-    remove = global_select(units, per_cost(units, importance), target_removed(n0, sparsity), n0, sparsity)
+    budget = target_removed(n0, sparsity)
+    remove = select_removals(units, per_cost(units, importance), eligible, budget)
     new_kept = shrink_model(model, units, remove, kept)
     return MethodResult(
         method="llm_pruner",
@@ -124,5 +180,8 @@ def llm_pruner(
         forward_tokens=int(np.asarray(windows).size),
         backward_passes=passes,
         removed=removed_counts(units, remove),
-        details={"importance": "first-order Taylor, sum of |w * dL/dw| per unit, ranked per owned parameter"},
+        details={
+            "importance": "first-order Taylor, sum of |w * dL/dw| per unit, ranked per owned parameter",
+            "protected_layers": sorted(set(range(n_layers)) - pruned_layers),
+        },
     )
