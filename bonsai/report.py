@@ -311,6 +311,30 @@ def _section_kept(kept, attn_n, mlp_n, how) -> str:
     return f"Original counts: {how}.\n\n" + _table(["layer", "attn KV groups kept", "MLP channels kept"], rows)
 
 
+def _section_adaptation(adaptation: Mapping[str, Any]) -> str:
+    """Post-pruning adaptation (bonsai.adapt): held-out perplexity before → after, training loss, knobs."""
+    cfg = adaptation.get("config") or {}
+    ev = adaptation.get("eval") or {}
+    rows: list[list[Any]] = []
+    if ev:
+        rows.append(
+            [
+                f"held-out perplexity ({ev.get('data')}, {ev.get('n_windows')} × {ev.get('seq_len')})",
+                f"{_fmt(ev.get('ppl_before'))} → {_fmt(ev.get('ppl_after'))}",
+            ]
+        )
+    rows.append(["training loss (CE + KL weight · KL)", f"{_fmt(adaptation.get('loss_start'))} → "
+                 f"{_fmt(adaptation.get('loss_end'))}"])
+    rows += [
+        ["steps", adaptation.get("steps")],
+        ["tokens seen", adaptation.get("tokens_seen")],
+        ["training data", (adaptation.get("data") or {}).get("source")],
+        ["teacher", adaptation.get("teacher")],
+    ]
+    rows += [[k, v] for k, v in cfg.items() if k not in ("steps",)]
+    return _table(["key", "value"], rows)
+
+
 def _section_eval(eval_metrics: Mapping[str, Any]) -> str:
     nested = {k: v for k, v in eval_metrics.items() if isinstance(v, Mapping)}
     flat = {k: v for k, v in eval_metrics.items() if not isinstance(v, Mapping | list)}
@@ -447,6 +471,9 @@ def write_report(
     _write_rounds_csv(record, run_dir / ROUNDS_CSV)
     if _plot_ppl(record, run_dir / PPL_PLOT):
         parts.append(f"![perplexity vs non-embedding parameters]({PPL_PLOT})\n")
+
+    if record.get("adaptation"):
+        parts.append("## Adaptation\n\n" + _section_adaptation(record["adaptation"]))
 
     kept = record.get("kept_units")
     if kept and kept.get("attn") is not None and kept.get("mlp") is not None:

@@ -1,4 +1,4 @@
-"""DVC stage entry points: `python -m flows.stages {model,calibration,prune,evaluate,report} [--params FILE]`.
+"""DVC stage entry points: `python -m flows.stages {model,calibration,prune,evaluate,report,adapt} [--params FILE]`.
 
 Each stage reads only its section(s) of `params.yaml` (the keys `dvc.yaml` lists for it), calls the Prefect flows
 in `flows/` and writes its outputs under `data/` (or `reports/pipeline/`). No pruning logic lives here.
@@ -27,6 +27,12 @@ PRUNED_DIR = "data/pruned"
 METRICS_JSON = "data/metrics/eval.json"
 EVAL_DETAILS = "data/metrics/eval_details"
 REPORT_DIR = "reports/pipeline"
+ADAPTED_DIR = "data/adapted"
+ADAPT_WORK = "data/adapt_work"
+ADAPT_METRICS = "data/metrics/adapt.json"
+ADAPT_REPORT = "reports/adapt"
+# keys of the adapt section that are not AdaptConfig fields: the held-out perplexity measurement of adapt_flow
+ADAPT_EVAL_KEYS = ("eval_data", "eval_windows", "eval_seq_len", "eval_batch_size")
 
 # The defaults of params.yaml; a missing section or key falls back to these.
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
@@ -247,12 +253,45 @@ def stage_report(params_file: str) -> None:
     print(f"report written: {path}")
 
 
+def stage_adapt(params_file: str) -> None:
+    import dataclasses
+
+    from bonsai.adapt import AdaptConfig
+    from flows.adapt import adapt_flow
+
+    # `adapt.*` over AdaptConfig's own defaults (no copy of them here); training text = the calibration corpus
+    p = load_params(params_file, "adapt")
+    fields = {f.name for f in dataclasses.fields(AdaptConfig)}
+    unknown = sorted(set(p) - fields - set(ADAPT_EVAL_KEYS))
+    if unknown:
+        raise BonsaiError(f"unknown keys in the adapt section: {', '.join(unknown)}")
+    cfg = AdaptConfig(**{k: v for k, v in p.items() if k in fields})
+    calib = load_params(params_file, "calibration")
+    a = adapt_flow(
+        PRUNED_DIR,
+        ADAPTED_DIR,
+        cfg,
+        data=str(calib["source"]),
+        teacher=MODEL_DIR,
+        **{k: p[k] for k in ADAPT_EVAL_KEYS if k in p},
+        work_dir=ADAPT_WORK,
+        overwrite=True,
+        report_dir=ADAPT_REPORT,
+    )
+    metrics = {k: a[k] for k in ("steps", "tokens_seen", "loss_start", "loss_end")}
+    if "eval" in a:
+        metrics.update(ppl_before=a["eval"]["ppl_before"], ppl_after=a["eval"]["ppl_after"])
+    _write_json(ADAPT_METRICS, metrics)
+    print(f"adapted {a['steps']} steps: training loss {a['loss_start']:.4f} → {a['loss_end']:.4f}")
+
+
 STAGES = {
     "model": stage_model,
     "calibration": stage_calibration,
     "prune": stage_prune,
     "evaluate": stage_evaluate,
     "report": stage_report,
+    "adapt": stage_adapt,
 }
 
 

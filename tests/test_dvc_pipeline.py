@@ -20,7 +20,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COPIED = ("flows", "tasks", "bonsai", "dvc.yaml", "params.yaml")
-STAGES = ("model", "calibration", "prune", "evaluate", "report")
+STAGES = ("model", "calibration", "prune", "evaluate", "report", "adapt")
 
 pytestmark = pytest.mark.slow
 
@@ -99,6 +99,15 @@ def pipeline(stories_dir, zeroshot_dir, tmp_path_factory, prefect_harness):
         evaluate__zeroshot_tasks=["piqa"],
         evaluate__zeroshot_dir=str(zeroshot_dir),
         evaluate__zeroshot_limit=4,
+        adapt__steps=2,
+        adapt__rank=8,
+        adapt__alpha=32,
+        adapt__seq_len=32,
+        adapt__batch_size=2,
+        adapt__n_windows=4,
+        adapt__save_every=1,
+        adapt__eval_windows=4,
+        adapt__eval_seq_len=32,
     )
     out = _run(root, "dvc", "repro")
     yield root, out
@@ -130,6 +139,11 @@ def test_first_repro_runs_every_stage(pipeline):
     assert "| pruned |" in (report / "report.md").read_text()
     assert 0.0 <= metrics["pruned"]["zeroshot_piqa"] <= 1.0  # zero-shot through lm-eval in the evaluate step
     assert "piqa" in (report / "report.md").read_text()
+    adapted = json.loads((root / "data/adapted/pruning_record.json").read_text())
+    assert adapted["adaptation"]["steps"] == 2 and adapted["kept_units"] == record["kept_units"]
+    adapt_metrics = json.loads((root / "data/metrics/adapt.json").read_text())
+    assert adapt_metrics["ppl_before"] == adapted["adaptation"]["eval"]["ppl_before"] > 1
+    assert "## Adaptation" in (root / "reports/adapt/report.md").read_text()
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
     assert set(lock["stages"]["evaluate"]["params"]["params.yaml"]) == {
