@@ -1,4 +1,5 @@
-"""Command line: `bonsai prune` and `bonsai eval`. Both run the Prefect flows (flows/), never a loop of their own."""
+"""Command line: `bonsai prune`, `bonsai eval`, `bonsai adapt` and `bonsai compare`. They run the Prefect flows
+(flows/), never a loop of their own."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from bonsai.config import PRESETS, resolve_config
+from bonsai.config import METHODS, PRESETS, resolve_config
 from bonsai.errors import BonsaiError
 
 KNOB_FLAGS = {  # flag -> (config key, type)
@@ -19,14 +20,37 @@ KNOB_FLAGS = {  # flag -> (config key, type)
     "--calib-seq-len": ("calib_seq_len", int),
     "--utility": ("utility", str),
     "--regression": ("regression", str),
+    "--module-share": ("module_share", str),
     "--cv-folds": ("cv_folds", int),
     "--batch-size": ("eval_batch_size", int),
     "--shard-size": ("shard_size", int),
     "--workers": ("workers", int),
+    "--scheduler": ("scheduler", str),
     "--method": ("method", str),
     "--mosaic-outlier-m": ("mosaic_outlier_m", float),
     "--mosaic-lambda": ("mosaic_lambda", float),
     "--structural-share": ("structural_share", float),
+}
+
+
+# prune knobs `bonsai compare` does not take: the first four it sets per run itself; workers / scheduler because it
+# runs every prune flow inside its own flow, on the prune flow's default runner. The other knobs apply to every run.
+COMPARE_OWN_FLAGS = ("--method", "--calib-windows", "--calib-seq-len", "--batch-size", "--workers", "--scheduler")
+
+
+ADAPT_FLAGS = {  # flag -> (AdaptConfig field, type, help); unset flags keep AdaptConfig's defaults
+    "--steps": ("steps", int, "optimizer steps in total (default 100)"),
+    "--rank": ("rank", int, "LoRA rank (default 128)"),
+    "--alpha": ("alpha", float, "LoRA alpha (default 512)"),
+    "--lr": ("lr", float, "learning rate (default 1e-4)"),
+    "--kl-weight": ("kl_weight", float, "weight of KL(teacher || student) next to the CE (default 0.01)"),
+    "--seq-len": ("seq_len", int, "training window length in tokens (default 256)"),
+    "--batch-size": ("batch_size", int, "windows per step (default 4)"),
+    "--windows": ("n_windows", int, "distinct training windows (default 128)"),
+    "--save-every": ("save_every", int, "save a resumable state every N steps (default 25)"),
+    "--seed": ("seed", int, "seed of the adapters, batch order and windows (default 0)"),
+    "--dropout": ("dropout", float, "LoRA dropout (default 0)"),
+    "--max-grad-norm": ("max_grad_norm", float, "gradient clipping norm, 0 = off (default 1)"),
 }
 
 
@@ -81,6 +105,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="local task files (e.g. ../shared/assets/zeroshot); without it the stock tasks need the hub",
     )
     ev.add_argument("--limit", type=int, default=None, help="zero-shot: first N documents per task")
+    ad = sub.add_parser("adapt", help="LoRA fine-tuning of a pruned model, distilled from its dense source, merged")
+    ad.add_argument("--pruned", required=True, help="a pruned checkpoint directory (from bonsai prune)")
+    ad.add_argument("--out", required=True, help="output directory of the adapted (merged) checkpoint")
+    ad.add_argument("--data", default=None, help="training text (default: the pruning calibration source)")
+    ad.add_argument("--teacher", default=None, help="dense model to distil from (default: the pruned model's source)")
+    for flag, (_, typ, help_text) in ADAPT_FLAGS.items():
+        ad.add_argument(flag, type=typ, default=None, help=help_text)
+    ad.add_argument("--eval-data", default="self", help="held-out text for perplexity before/after (default: self)")
+    ad.add_argument("--eval-windows", type=int, default=32, help="held-out windows (0: skip the measurement)")
+    ad.add_argument("--eval-seq-len", type=int, default=None, help="held-out window length (default: --seq-len)")
+    ad.add_argument("--eval-batch-size", type=int, default=8)
+    ad.add_argument("--work-dir", default=None, help="training states and windows (default: OUT.work)")
+    ad.add_argument("--resume", action="store_true", help="continue an interrupted run from its work dir")
+    ad.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    ad.add_argument("--report-dir", default=None, help="also write report.md (+ PNGs) of the adapted model here")
+    cp = sub.add_parser("compare", help="prune with several methods x sparsities; one table, markdown and plot")
+    cp.add_argument("--model", default="smollm2-135m", help="as for prune (default: the alias smollm2-135m)")
+    cp.add_argument("--methods", nargs="+", required=True, metavar="METHOD",
+                    help=f"'all' or any of {', '.join(METHODS)}")
+    cp.add_argument("--sparsities", nargs="+", type=float, required=True, metavar="S",
+                    help="targets in (0, 1); sparse24 always runs once, at 0.5")
+    cp.add_argument("--out", required=True, help="comparison directory (runs, comparison.parquet/.md/.png)")
+    cp.add_argument("--preset", choices=sorted(PRESETS), default="fast")
+    cp.add_argument("--calib", default="self", help="calibration text shared by every run (as for prune)")
+    cp.add_argument("--calib-windows", type=int, default=None, help="default: the preset's")
+    cp.add_argument("--calib-seq-len", type=int, default=None, help="default: the preset's (0 = full context)")
+    cp.add_argument("--eval-data", default="self", help="held-out text (as for eval)")
+    cp.add_argument("--eval-windows", type=int, default=16)
+    cp.add_argument("--eval-seq-len", type=int, default=128)
+    cp.add_argument("--batch-size", type=int, default=8, help="windows per forward, pruning and evaluation")
+    cp.add_argument("--seed", type=int, default=0)
+    cp.add_argument("--no-reference", action="store_true", help="perplexity only: no KL / top-1 to the dense model")
+    cp.add_argument("--reference-windows", type=int, default=None,
+                    help="KL / top-1 on the first N evaluation windows only (default: all)")
+    cp.add_argument("--no-speed", action="store_true", help="skip the prefill speed-up measurement")
+    cp.add_argument("--speed-prompt-len", type=int, default=512)
+    cp.add_argument("--speed-runs", type=int, default=5, help="timed prefill runs per model (median)")
+    cp.add_argument("--speed-threads", type=int, default=None, help="torch threads while timing (default: as set)")
+    for flag, (_, typ) in KNOB_FLAGS.items():
+        if flag not in COMPARE_OWN_FLAGS:
+            cp.add_argument(flag, type=typ, default=None, help="applied to every run")
     return p
 
 
@@ -175,11 +240,92 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from bonsai.adapt import AdaptConfig, check_adaptable
+
+    check_adaptable(args.pruned, args.out)
+    knobs = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in ADAPT_FLAGS.items()}
+    cfg = AdaptConfig(**{k: v for k, v in knobs.items() if v is not None}).validate()
+    for flag, value, least in (
+        ("--eval-windows", args.eval_windows, 0),
+        ("--eval-seq-len", args.eval_seq_len, 2),
+        ("--eval-batch-size", args.eval_batch_size, 1),
+    ):
+        if value is not None and value < least:
+            raise BonsaiError(f"{flag} must be >= {least}, got {value}")
+    work = Path(args.work_dir or f"{args.out}.work")
+    if work.exists() and any(work.iterdir()) and not args.resume:
+        raise BonsaiError(f"work directory {work} holds an earlier run; pass --resume to continue it, or remove it")
+    from flows.adapt import adapt_flow
+
+    a = adapt_flow(
+        args.pruned,
+        args.out,
+        cfg,
+        data=args.data,
+        teacher=args.teacher,
+        eval_data=args.eval_data,
+        eval_windows=args.eval_windows,
+        eval_seq_len=args.eval_seq_len,
+        eval_batch_size=args.eval_batch_size,
+        work_dir=str(work),
+        overwrite=args.overwrite,
+        report_dir=args.report_dir,
+    )
+    ev = a.get("eval")
+    print(
+        f"\nBonsai adapt finished: {a['steps']} steps (resumed at {a['resumed_from']}), "
+        f"training loss {a['loss_start']:.4f} -> {a['loss_end']:.4f}"
+        + (f"\n  held-out perplexity: {ev['ppl_before']:.3f} -> {ev['ppl_after']:.3f}" if ev else "")
+        + f"\n  adapted model: {Path(args.out).resolve()}"
+    )
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from flows.compare import compare_flow, plan_runs
+
+    methods = list(METHODS) if args.methods == ["all"] else args.methods
+    knobs = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _) in KNOB_FLAGS.items()
+             if flag not in COMPARE_OWN_FLAGS}
+    preset = PRESETS.get(args.preset, {})
+    params = dict(
+        calib=args.calib,
+        calib_windows=preset.get("calib_windows") if args.calib_windows is None else args.calib_windows,
+        calib_seq_len=preset.get("calib_seq_len") if args.calib_seq_len is None else args.calib_seq_len,
+        seed=args.seed,
+        preset=args.preset,
+        overrides={k: v for k, v in knobs.items() if v is not None},
+        batch_size=args.batch_size,
+        eval_windows=args.eval_windows,
+        eval_seq_len=args.eval_seq_len,
+        reference_windows=args.reference_windows,
+        speed_prompt_len=args.speed_prompt_len,
+        speed_runs=args.speed_runs,
+        speed_threads=args.speed_threads,
+    )
+    plan_runs(args.model, methods, args.sparsities, **params)  # bad inputs fail here, before Prefect starts
+    res = compare_flow(args.model, methods, args.sparsities, args.out, eval_data=args.eval_data,
+                       reference_metrics=not args.no_reference, speed=not args.no_speed, **params)
+    import pandas as pd
+
+    table = pd.read_parquet(res["table"])
+    print(f"\nBonsai compare finished: {len(table) - 1} runs")
+    for _, r in table.iterrows():
+        print(f"  {r['method']:<17} target {r['target_sparsity']:.2f}  sparsity {r['sparsity']:.4f}  "
+              f"ppl {r['eval_ppl']:10.3f}  prefill speed-up {r['prefill_speedup']:.2f}")
+    print(f"  table: {res['table']}\n  markdown: {res['markdown']}\n  plot: {res['plot']}")
+    return 0
+
+
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "adapt": cmd_adapt, "compare": cmd_compare}
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_services()
     args = build_parser().parse_args(argv)
     try:
-        return cmd_prune(args) if args.command == "prune" else cmd_eval(args)
+        return COMMANDS[args.command](args)
     except BonsaiError as e:
         print(f"bonsai: error: {e}", file=sys.stderr)
         return 2

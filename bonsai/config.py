@@ -15,7 +15,10 @@ from bonsai.errors import BonsaiError
 
 PRIORS = ("wanda", "fluctuation", "magnitude", "random")
 UTILITIES = ("ppl", "loss")
-REGRESSIONS = ("lasso_cv", "ridge")
+REGRESSIONS = ("lasso_cv", "ridge", "prior_scaled")
+# How much of a module a sub-model drops: about p of every module (the paper), or a share drawn per pair and module
+# (uniform over 0..all of its candidates), which spreads the module totals and so identifies per-module value.
+MODULE_SHARES = ("fixed", "uniform")
 # `bonsai` is the iterative loop of flows/prune.py; the others are one-shot baselines (bonsai/methods/).
 METHODS = (
     "bonsai",
@@ -44,8 +47,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "calib_seq_len": 0,  # 0 = the model's full context
         "utility": "ppl",
         "regression": "lasso_cv",
+        "module_share": "fixed",
     },
-    # CPU-friendly defaults: fewer, shorter windows and sub-models, larger rounds, closed-form ridge.
+    # CPU-friendly defaults: fewer, shorter windows and sub-models, larger rounds, and the prior-scaled regression
+    # (few coefficients, so 48 sub-models determine them; benchmarks/results/sample_efficiency.json).
     "fast": {
         "prior": "wanda",
         "p_iter": 0.1,
@@ -53,7 +58,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "calib_windows": 8,
         "calib_seq_len": 128,
         "utility": "loss",
-        "regression": "ridge",
+        "regression": "prior_scaled",
+        "module_share": "fixed",
     },
 }
 
@@ -73,10 +79,13 @@ class PruneConfig:
     calib_seq_len: int | None = None
     utility: str | None = None
     regression: str | None = None
+    module_share: str | None = None
     cv_folds: int = 5
     eval_batch_size: int = 8
     shard_size: int = 8
     workers: int = 1
+    # a running Dask scheduler ("tcp://host:8786"): shards go to its workers instead of a local cluster
+    scheduler: str | None = None
     method: str = "bonsai"
     mosaic_outlier_m: float = 5.0  # Mosaic: a score > M × the projection's mean score is an outlier
     mosaic_lambda: float = 0.08  # Mosaic: per-projection sparsity stays within target ± lambda
@@ -109,6 +118,10 @@ class PruneConfig:
             raise BonsaiError(
                 f"unknown regression {self.regression!r}; choose one of {', '.join(REGRESSIONS)}"
             )
+        if self.module_share not in MODULE_SHARES:
+            raise BonsaiError(
+                f"unknown module_share {self.module_share!r}; choose one of {', '.join(MODULE_SHARES)}"
+            )
         if not 0.0 < self.p_iter < 0.5:
             raise BonsaiError(
                 f"p_iter must be in (0, 0.5) so that candidates (2·p_iter) fit, got {self.p_iter}"
@@ -120,6 +133,10 @@ class PruneConfig:
         for name in ("calib_windows", "eval_batch_size", "shard_size", "workers", "cv_folds"):
             if getattr(self, name) < 1:
                 raise BonsaiError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.scheduler is not None and (not isinstance(self.scheduler, str) or not self.scheduler.strip()):
+            raise BonsaiError(
+                f"scheduler must be a Dask scheduler address such as tcp://host:8786, got {self.scheduler!r}"
+            )
         if self.calib_seq_len < 0:
             raise BonsaiError(f"calib_seq_len must be >= 0 (0 = full context), got {self.calib_seq_len}")
         if self.regression == "lasso_cv" and self.cv_folds < 2:

@@ -7,6 +7,11 @@ candidates; the rest stay in every sub-model. Each pair of sub-models: the first
 candidates — p·n stochastically rounded, drawn per pair and module — and its partner drops the remaining
 candidates. Pairs make every candidate appear dropped and kept equally often; the per-module rounding keeps the
 columns of small modules (a layer's few KV groups) from being copies of each other.
+
+With ``module_share="uniform"`` the first sub-model of a pair drops a share of each module's candidates drawn
+uniformly from [0, 1] per pair and module instead of about p of the module. The expected size of a sub-model is
+the same, but how much each module loses now varies widely between sub-models, which is what a regression needs
+to tell which modules (layers, attention vs MLP) can give up units.
 """
 
 from __future__ import annotations
@@ -39,9 +44,17 @@ def candidate_mask(units: pd.DataFrame, prior: np.ndarray, p_round: float) -> np
 
 
 def sample_masks(
-    units: pd.DataFrame, prior: np.ndarray, candidates: np.ndarray, p_round: float, n_samples: int, seed: int
+    units: pd.DataFrame,
+    prior: np.ndarray,
+    candidates: np.ndarray,
+    p_round: float,
+    n_samples: int,
+    seed: int,
+    module_share: str = "fixed",
 ) -> np.ndarray:
     """(n_samples, n_units) bool keep-masks; rows 2k and 2k+1 are an antithetic pair."""
+    if module_share not in ("fixed", "uniform"):
+        raise ValueError(f"unknown module_share {module_share!r}")
     rng = np.random.default_rng(seed)
     keep = np.ones((n_samples, len(units)), dtype=bool)
     modules = []
@@ -57,6 +70,8 @@ def sample_masks(
         for cand_ids, expected_drop, prob in modules:
             # stochastic rounding, drawn per pair and module: a module with few units (3 KV groups) drops one
             # in some first halves and not others, so its column is not a copy of every other small module's
+            if module_share == "uniform":
+                expected_drop = rng.random() * len(cand_ids)
             n_drop = int(expected_drop) + int(rng.random() < expected_drop - int(expected_drop))
             dropped = rng.choice(cand_ids, size=n_drop, replace=False, p=prob)
             keep[2 * pair, dropped] = False

@@ -27,11 +27,15 @@ def _slice_linear(
         b = b.index_select(0, rows) if b is not None else None
     if cols is not None:
         w = w.index_select(1, cols)
-    new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=w.dtype, device=w.device)
-    with torch.no_grad():
-        new.weight.copy_(w)
-        if b is not None:
-            new.bias.copy_(b)
+    # index_select made fresh tensors; clone what it did not touch, so nothing shares the source's storage
+    w = w.clone() if rows is None and cols is None else w
+    b = b.clone() if b is not None and rows is None else b
+    # the new module adopts those tensors: built on the meta device, it skips a random initialisation that costs
+    # more than the slicing itself (this runs once per sub-model in sliced evaluation, bonsai.masking)
+    new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=w.dtype, device="meta")
+    new.weight = nn.Parameter(w, requires_grad=lin.weight.requires_grad)
+    if b is not None:
+        new.bias = nn.Parameter(b, requires_grad=lin.bias.requires_grad)
     return new
 
 

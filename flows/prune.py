@@ -8,12 +8,14 @@ so running the same command again after a crash reuses every finished shard and 
 # No `from __future__ import annotations` in this module: `prune_flow.serve(...)` (deploy/serve.py) pickles the flow
 # function by value into each run's process, and a string annotation "PruneConfig" then fails to resolve in
 # Prefect's parameter validation ("`Prune_FlowModel` is not fully defined").
+import contextlib
 import math
 import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm.auto import tqdm
 
@@ -59,8 +61,10 @@ def prune_flow(config: PruneConfig, out: str, work_dir: str | None = None, overw
         "calibration",
         str(work / "windows"),
     )
+    # where shards run never changes a result, so it is not part of any artifact's key
+    placement = ("workers", "scheduler")
     knobs = {
-        k: v for k, v in cfg.to_dict().items() if k not in ("model", "sparsity", "workers", "calib", *METHOD_KNOBS)
+        k: v for k, v in cfg.to_dict().items() if k not in ("model", "sparsity", *placement, "calib", *METHOD_KNOBS)
     }
     base_record = {
         "tool": f"bonsai-prune {__version__}",
@@ -106,7 +110,7 @@ def prune_flow(config: PruneConfig, out: str, work_dir: str | None = None, overw
             tol = max(prior_ref["min_unit_cost"] / 2, 0.001 * n0)
             check_reachable(prior_ref["removable_params"], 0, n0, cfg.sparsity)
         budget = round_budget(n0, removed, cfg.sparsity, cfg.p_iter, r)
-        masks_ref = sample_task(prior_ref, p_round, cfg.n_samples, seed_r, round_dir)
+        masks_ref = sample_task(prior_ref, p_round, cfg.n_samples, seed_r, round_dir, cfg.module_share)
         futures = [
             evaluate_shard_task.submit(
                 ckpt,
@@ -186,7 +190,50 @@ def _publish(checkpoint: str, out: str, summary: dict, method: str, overwrite: b
     return summary
 
 
+def shard_runner(cfg: PruneConfig):
+    """Where the evaluation shards run: in-process for one worker, else on Dask.
+
+    One worker keeps the thread runner (one shard at a time, torch uses every core; no cluster start-up).
+    Several workers are Dask worker *processes* with one thread each: a sub-model evaluation alters the model it
+    runs on (hooks, or sliced modules swapped in), so each worker process holds its own model replica (loaded
+    once, `_checkpoint`), and one torch thread per worker keeps N workers from oversubscribing N cores. A
+    scheduler address sends the shards to that cluster's workers (started e.g. `dask worker ADDR --nworkers N
+    --nthreads 1`); `workers` is then unused.
+    """
+    if cfg.scheduler is None and cfg.workers == 1:
+        return ThreadPoolTaskRunner(max_workers=1)
+    from prefect_dask import DaskTaskRunner
+
+    if cfg.scheduler is not None:
+        return DaskTaskRunner(address=cfg.scheduler)
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={
+            "n_workers": cfg.workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": None,  # no web UI: nothing listens beyond the scheduler and its workers
+        },
+    )
+
+
+def _one_api_for_workers():
+    """Dask workers run their tasks under this process's Prefect settings (prefect-dask ships the settings
+    context), but with no `PREFECT_API_URL` each worker would start a temporary API of its own (seconds each, and
+    their task runs and logs would land in databases nobody sees). Start this process's temporary API now (the
+    flow would start the same one) and name it in the settings, so every worker reports to it."""
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return contextlib.nullcontext()
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    return temporary_settings({PREFECT_API_URL: server.api_url})
+
+
 def run_prune(cfg: PruneConfig, out: str, work_dir: str | None = None, overwrite: bool = False) -> dict:
-    """Run the flow with as many shard workers as the config asks for."""
-    runner = ThreadPoolTaskRunner(max_workers=cfg.workers)
-    return prune_flow.with_options(task_runner=runner)(cfg, out, work_dir=work_dir, overwrite=overwrite)
+    """Run the flow with its shards on the runner `shard_runner` picks for the config."""
+    runner = shard_runner(cfg.validate())
+    api = contextlib.nullcontext() if isinstance(runner, ThreadPoolTaskRunner) else _one_api_for_workers()
+    with api:
+        return prune_flow.with_options(task_runner=runner)(cfg, out, work_dir=work_dir, overwrite=overwrite)

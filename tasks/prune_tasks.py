@@ -8,12 +8,14 @@ which is what makes an interrupted prune resumable shard by shard.
 
 from __future__ import annotations
 
+import threading
 import time
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
@@ -23,7 +25,7 @@ from bonsai.artifacts import discard, read_table, record_artifact, verified_sha,
 from bonsai.checkpoint import load_for_pruning, read_record, save_pruned
 from bonsai.data import load_windows
 from bonsai.evaluate import mean_nll, window_nll
-from bonsai.masking import UnitMasker
+from bonsai.masking import SLICE_MIN_DROP, UnitMasker, dropped_share, sliced_submodel
 from bonsai.prior import collect_activation_stats, unit_prior
 from bonsai.regression import estimate_importance
 from bonsai.sampling import candidate_mask, sample_masks
@@ -46,10 +48,37 @@ def _reuse(path: Path, what: str) -> str | None:
     return None
 
 
+# A masked evaluation hooks into the process's one cached model: shards that share a process (a Dask worker with
+# several threads) take turns on it.
+_MODEL_LOCK = threading.Lock()
+
+
+def _match_dask_threads() -> None:
+    """Inside a Dask worker process, torch gets as many threads as the worker has (1 for the local clusters of
+    `flows.prune.shard_runner`): N single-thread workers on N cores must not each start a core-wide pool."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except ValueError:  # not running in a Dask worker: the process's own torch setting stands
+        return
+    torch.set_num_threads(worker.state.nthreads)
+
+
 @lru_cache(maxsize=1)
 def _checkpoint(path: str, sha: str):
     """The model of a checkpoint, loaded once per process (keyed by content hash, never passed between tasks)."""
     return load_for_pruning(path)
+
+
+def _take_checkpoint(path: str, sha: str):
+    """The cached model of a checkpoint, handed over to be modified in place: the cache forgets it, so no later
+    task sees the modified weights under the old hash, and the process never holds a second copy (peak memory:
+    one model, not two, while a round shrinks)."""
+    with _MODEL_LOCK:
+        loaded = _checkpoint(path, sha)
+        _checkpoint.cache_clear()
+    return loaded
 
 
 @lru_cache(maxsize=2)
@@ -84,13 +113,17 @@ def prior_task(
 
 
 @task(**TASK_OPTS)
-def sample_task(prior_ref: dict, p_iter: float, n_samples: int, seed: int, round_dir: str) -> dict:
+def sample_task(
+    prior_ref: dict, p_iter: float, n_samples: int, seed: int, round_dir: str, module_share: str = "fixed"
+) -> dict:
     """Step 3: antithetic sub-model masks, one row per sub-model (packed keep-bitmap over all units)."""
     path = Path(round_dir) / "masks.parquet"
     sha = _reuse(path, "mask table")
     if sha is None:
         units, _ = read_table(prior_ref["path"])
-        keep = sample_masks(units, units["prior"].to_numpy(), units["candidate"].to_numpy(), p_iter, n_samples, seed)
+        keep = sample_masks(
+            units, units["prior"].to_numpy(), units["candidate"].to_numpy(), p_iter, n_samples, seed, module_share
+        )
         table = pd.DataFrame(
             {
                 "sample": np.arange(n_samples, dtype=np.int32),
@@ -99,7 +132,7 @@ def sample_task(prior_ref: dict, p_iter: float, n_samples: int, seed: int, round
                 "keep_bits": [np.packbits(row).tobytes() for row in keep],
             }
         )
-        sha = write_table(table, path, {"n_units": len(units), "seed": seed})
+        sha = write_table(table, path, {"n_units": len(units), "seed": seed, "module_share": module_share})
     return {"path": str(path), "sha256": sha, "n_samples": n_samples}
 
 
@@ -107,6 +140,34 @@ def read_keep_masks(masks_path: str) -> np.ndarray:
     table, meta = read_table(masks_path)
     bits = np.stack([np.frombuffer(b, dtype=np.uint8) for b in table["keep_bits"]])
     return np.unpackbits(bits, axis=1, count=meta["n_units"]).astype(bool)
+
+
+def _submodel_utilities(
+    ckpt: dict, win: np.ndarray, keep: np.ndarray, start: int, stop: int, utility: str, batch_size: int, desc: str
+) -> list[tuple[int, float, float, float]]:
+    """(sample, utility, mean NLL, seconds) of sub-models [start, stop) on this process's replica of the model.
+
+    A module-level function rather than task code: on Dask the task function travels by value (cloudpickle),
+    whereas this one is imported in the worker, so the lock and the model cache are the worker process's own.
+    """
+    _match_dask_threads()
+    rows = []
+    with _MODEL_LOCK:
+        model, _, kept = _checkpoint(ckpt["path"], ckpt["sha256"])
+        units = unit_table(model, kept)
+        with UnitMasker(model, units) as masker:
+            for s in tqdm(range(start, stop), desc=desc, leave=False):
+                t0 = time.perf_counter()
+                if dropped_share(units, keep[s]) >= SLICE_MIN_DROP:  # smaller matmuls repay the slicing copies
+                    masker.set(None)
+                    with sliced_submodel(model, units, keep[s], kept) as sub:
+                        nll = mean_nll(sub, win, batch_size=batch_size, desc=None)
+                else:
+                    masker.set(keep[s])
+                    nll = mean_nll(model, win, batch_size=batch_size, desc=None)
+                u = -float(np.exp(nll)) if utility == "ppl" else -nll
+                rows.append((s, u, nll, time.perf_counter() - t0))
+    return rows
 
 
 @task(**TASK_OPTS)
@@ -126,18 +187,10 @@ def evaluate_shard_task(
     sha = _reuse(path, f"shard {shard}")
     reused = sha is not None
     if sha is None:
-        model, _, kept = _checkpoint(ckpt["path"], ckpt["sha256"])
-        units = unit_table(model, kept)
         keep = read_keep_masks(masks_ref["path"])
         win = _windows(windows["path"], windows["sha256"])
-        rows = []
-        with UnitMasker(model, units) as masker:
-            for s in tqdm(range(start, stop), desc=f"{Path(round_dir).name} shard {shard}", leave=False):
-                masker.set(keep[s])
-                t0 = time.perf_counter()
-                nll = mean_nll(model, win, batch_size=batch_size, desc=None)
-                u = -float(np.exp(nll)) if utility == "ppl" else -nll
-                rows.append((s, u, nll, time.perf_counter() - t0))
+        desc = f"{Path(round_dir).name} shard {shard}"
+        rows = _submodel_utilities(ckpt, win, keep, start, stop, utility, batch_size, desc)
         table = pd.DataFrame(rows, columns=["sample", "utility", "mean_nll", "seconds"])
         table["sample"] = table["sample"].astype(np.int32)
         sha = write_table(table, path, {"tokens": int(win.size) * (stop - start)})
@@ -164,6 +217,7 @@ def regression_task(
         if len(scores) != len(keep) or not np.array_equal(scores["sample"].to_numpy(), np.arange(len(keep))):
             raise RuntimeError("shard results do not cover every sub-model exactly once")
         cand = units["candidate"].to_numpy()
+        modules = units.groupby(["layer", "kind"], sort=True).ngroup().to_numpy()
         beta = np.full(len(units), np.nan)
         beta[cand] = estimate_importance(
             keep[:, cand],
@@ -172,6 +226,8 @@ def regression_task(
             seed=seed,
             cv_folds=cv_folds,
             prior=units["prior"].to_numpy()[cand],
+            modules=modules[cand],
+            kinds=(units["kind"].to_numpy()[cand] == ATTN).astype(np.int64),
         )
         units["beta"] = beta
         sha = write_table(units, path, {"method": method})
@@ -193,7 +249,7 @@ def shrink_task(
     sha = _reuse(path, "round checkpoint")
     if sha is None:
         units, _ = read_table(importance_ref["path"])
-        model, tokenizer, kept = load_for_pruning(ckpt["path"])  # a private copy: it is modified in place
+        model, tokenizer, kept = _take_checkpoint(ckpt["path"], ckpt["sha256"])
         if not unit_table(model, kept)[["layer", "kind", "index", "cost"]].equals(
             units[["layer", "kind", "index", "cost"]]
         ):

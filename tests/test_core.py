@@ -175,6 +175,26 @@ def test_small_modules_are_not_collinear():
     assert 0.0 < first_half_drops < 0.6  # p·n = 0.2 for 2 groups: rounded stochastically, not always to 1
 
 
+def test_uniform_module_share_spreads_module_totals():
+    """module_share=uniform: pairs stay complementary and the mean drop stays ~p, but how much each module loses
+    varies far more between sub-models than with the fixed share (what identifies per-module value)."""
+    model = tiny_model("llama")
+    units = unit_table(model)
+    prior = np.random.default_rng(0).random(len(units))
+    cand = candidate_mask(units, prior, 0.1)
+    mlp0 = np.flatnonzero(cand & (units.layer.to_numpy() == 0) & (units.kind.to_numpy() == MLP))
+    spread = {}
+    for share in ("fixed", "uniform"):
+        keep = sample_masks(units, prior, cand, 0.1, n_samples=200, seed=0, module_share=share)
+        assert keep[:, ~cand].all()
+        assert not (~keep[0::2] & ~keep[1::2]).any() and (~keep[0::2] | ~keep[1::2])[:, cand].all()
+        dropped = (~keep[:, mlp0]).sum(1)
+        assert abs(dropped.mean() - len(mlp0) / 2) <= 0.1 * len(mlp0)
+        spread[share] = dropped.std()
+        assert np.array_equal(keep, sample_masks(units, prior, cand, 0.1, n_samples=200, seed=0, module_share=share))
+    assert spread["uniform"] > 4 * spread["fixed"], spread
+
+
 def test_selection_is_cost_aware_and_lands_near_budget():
     model = tiny_model("llama")
     units = unit_table(model)

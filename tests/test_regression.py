@@ -304,3 +304,38 @@ def test_cv_folds_is_not_checked_for_ridge() -> None:
 def test_kendall_tau_length_mismatch() -> None:
     with pytest.raises(BonsaiError):
         kendall_tau(np.arange(3), np.arange(4))
+
+
+def _modular_problem(seed: int, n: int = 48, n_modules: int = 20, per_module: int = 50):
+    """Few sub-models, many units: true beta = module scale × a prior that is right within each module."""
+    rng = np.random.default_rng(seed)
+    modules = np.repeat(np.arange(n_modules), per_module)
+    kinds = (modules % 4 == 0).astype(np.int64)  # every fourth module is an "attention" module
+    prior = rng.uniform(0.5, 1.5, size=modules.size)
+    beta = rng.uniform(0.2, 2.0, size=n_modules)[modules] * (1 + 2 * kinds) * prior
+    X = _masks(rng, n=n, p=modules.size, keep=0.9)
+    U = X @ beta + 0.5 * rng.normal(size=n)
+    return X, U, beta, prior, modules, kinds
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_prior_scaled_recovers_module_scales_from_few_samples(seed: int) -> None:
+    X, U, beta, prior, modules, kinds = _modular_problem(seed)
+    est = estimate_importance(X, U, "prior_scaled", seed=0, prior=prior, modules=modules, kinds=kinds)
+    ridge = estimate_importance(X, U, "ridge", seed=0, prior=prior)
+    assert kendall_tau(est, beta) > 0.8
+    bottom_true = set(np.argsort(beta)[:100].tolist())
+    overlap = {name: len(set(np.argsort(b)[:100].tolist()) & bottom_true) for name, b in (("ps", est), ("r", ridge))}
+    assert overlap["ps"] >= 80 and overlap["ps"] > overlap["r"] + 20, overlap
+
+
+def test_prior_scaled_input_errors() -> None:
+    X, U, _, prior, modules, kinds = _modular_problem(0, n_modules=4, per_module=5)
+    with pytest.raises(BonsaiError, match="needs the prior and the module and kind"):
+        estimate_importance(X, U, "prior_scaled", seed=0, prior=prior)
+    with pytest.raises(BonsaiError, match="non-negative prior"):
+        estimate_importance(X, U, "prior_scaled", seed=0, prior=-prior, modules=modules, kinds=kinds)
+    with pytest.raises(BonsaiError, match="modules must be 20 non-negative integer ids"):
+        estimate_importance(X, U, "prior_scaled", seed=0, prior=prior, modules=modules[:5], kinds=kinds)
+    with pytest.raises(BonsaiError, match="kinds must be"):
+        estimate_importance(X, U, "prior_scaled", seed=0, prior=prior, modules=modules, kinds=kinds * 0.5)
