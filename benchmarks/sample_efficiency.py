@@ -3,9 +3,10 @@ calibration text, each scored by held-out perplexity against the forward tokens 
 
 Every variant is a `bonsai prune` command (flags below) followed by `bonsai eval` on WikiText-2 test. The table
 is merged into --out by variant name, so variants can run in separate invocations; each row carries its own
-commit and command.
+commit and command. With --reuse, a variant whose output directory already holds a finished run of the same
+resolved config is evaluated without pruning again (its row says so and keeps that run's own flow wall time).
 
-    python benchmarks/sample_efficiency.py --variants paper_scaled fast fast_prior_scaled
+    python benchmarks/sample_efficiency.py --variants paper_scaled prior_scaled_48x8 --reuse
 """
 
 from __future__ import annotations
@@ -18,30 +19,52 @@ from pathlib import Path
 
 from common import REPO, WIKI_TEST_RAW, WIKI_VALID, bonsai_cmd, provenance, rel, run_measured, write_result
 
+from bonsai.cli import KNOB_FLAGS, build_parser
+from bonsai.config import PruneConfig, resolve_config
+
 # name -> (what it tests, `bonsai prune` flags). The paper preset's full setting (200 sub-models x 32 windows at
 # the full 8k context, 10 rounds) is ~500M forward tokens, days on this CPU: `paper_scaled` keeps its estimator,
 # utility, prior and 5% rounds but scales sub-models and windows down to the fast preset's calibration windows.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "paper_scaled": ("paper preset (lasso_cv, -ppl, 5%/round), 48 sub-models x 8x128 windows",
                      ["--preset", "paper", "--n-samples", "48", "--calib-windows", "8", "--calib-seq-len", "128"]),
-    "fast": ("fast preset as it was: ridge per unit, -loss, 10%/round, 48 x 8x128",
-             ["--preset", "fast", "--regression", "ridge", "--module-share", "fixed"]),
-    "fast_lasso": ("fast, L1 + CV instead of ridge", ["--preset", "fast", "--regression", "lasso_cv"]),
-    "fast_ppl": ("fast, utility -ppl instead of -loss",
-                 ["--preset", "fast", "--regression", "ridge", "--utility", "ppl"]),
-    "fast_prior_scaled": ("fast, prior-scaled regression (kind + module scales on the Wanda prior)",
-                          ["--preset", "fast", "--regression", "prior_scaled", "--module-share", "fixed"]),
-    "fast_prior_scaled_uniform": ("fast, prior-scaled regression, module shares drawn uniformly",
-                                  ["--preset", "fast", "--regression", "prior_scaled", "--module-share", "uniform"]),
-    "fast_ridge_uniform": ("fast, ridge per unit, module shares drawn uniformly",
-                           ["--preset", "fast", "--regression", "ridge", "--module-share", "uniform"]),
-    "fast_prior_scaled_24": ("prior-scaled + uniform, 24 sub-models",
-                             ["--preset", "fast", "--regression", "prior_scaled", "--module-share", "uniform",
-                              "--n-samples", "24"]),
-    "fast_prior_scaled_24x4": ("prior-scaled + uniform, 24 sub-models x 4x128 windows",
-                               ["--preset", "fast", "--regression", "prior_scaled", "--module-share", "uniform",
-                                "--n-samples", "24", "--calib-windows", "4"]),
+    "ridge_48x8": ("fast preset before this change: ridge per unit, -loss, 10%/round, 48 sub-models x 8x128",
+                   ["--preset", "fast", "--regression", "ridge", "--module-share", "fixed", "--n-samples", "48",
+                    "--calib-windows", "8", "--sample-windows", "0"]),
+    "prior_scaled_48x8": ("prior-scaled regression (kind + module scales on the Wanda prior), 48 x 8x128",
+                          ["--preset", "fast", "--regression", "prior_scaled", "--module-share", "fixed",
+                           "--n-samples", "48", "--calib-windows", "8", "--sample-windows", "0"]),
+    "prior_scaled_uniform_48x8": ("prior-scaled, module drop shares drawn uniformly, 48 x 8x128",
+                                  ["--preset", "fast", "--regression", "prior_scaled", "--module-share", "uniform",
+                                   "--n-samples", "48", "--calib-windows", "8", "--sample-windows", "0"]),
+    "prior_scaled_24x4": ("prior-scaled, 24 sub-models, 4x128 windows for prior and sub-models",
+                          ["--preset", "fast", "--regression", "prior_scaled", "--module-share", "fixed",
+                           "--n-samples", "24", "--calib-windows", "4", "--sample-windows", "0"]),
+    "prior_scaled_24x4of32": ("prior-scaled, prior from 32x128 windows, 24 sub-models scored on the first 4",
+                              ["--preset", "fast", "--regression", "prior_scaled", "--module-share", "fixed",
+                               "--n-samples", "24", "--calib-windows", "32", "--sample-windows", "4"]),
 }
+
+
+def _config_of(flags: list[str], model: str, sparsity: float) -> dict:
+    """The resolved prune config those flags give (what a finished run's record must match to be reused)."""
+    args = build_parser().parse_args(["prune", "--out", "unused", "--model", model, "--sparsity", str(sparsity),
+                                      "--calib", rel(WIKI_VALID), *flags])
+    overrides = {"model": args.model, "sparsity": args.sparsity, "preset": args.preset, "calib": args.calib}
+    overrides.update({key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _) in KNOB_FLAGS.items()})
+    return resolve_config(overrides).to_dict()
+
+
+def _finished_run(out: Path, config: dict) -> dict | None:
+    """The record of a finished run in `out` made with `config` (keys the record predates must be defaults)."""
+    record_path = out / "pruning_record.json"
+    if not record_path.exists():
+        return None
+    record = json.loads(record_path.read_text())
+    defaults = PruneConfig(preset=config["preset"]).resolved().to_dict()
+    placement = ("workers", "scheduler")  # where shards ran does not change the result
+    same = all(record["config"].get(k, defaults[k]) == v for k, v in config.items() if k not in placement)
+    return record if same and "summary" in record else None
 
 
 def _merge(out: Path, row: dict, header: dict) -> None:
@@ -68,6 +91,7 @@ def main() -> None:
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--work", default=str(REPO / "data" / "bench" / "sample_efficiency"))
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sample_efficiency.json"))
+    p.add_argument("--reuse", action="store_true", help="evaluate finished runs of the same config as they are")
     args = p.parse_args()
     if not WIKI_VALID.exists():
         raise SystemExit(f"needs ../shared (WikiText-2): {WIKI_VALID} is absent")
@@ -85,21 +109,26 @@ def main() -> None:
         started = provenance()
         what, flags = VARIANTS[name]
         out = work / name
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.rmtree(f"{out}.work", ignore_errors=True)
-        prune = run_measured(bonsai_cmd("prune", "--model", args.model, "--sparsity", str(args.sparsity),
-                                        "--calib", rel(WIKI_VALID), "--out", rel(out), *flags),
-                             work / f"{name}.prune.log")
+        record = _finished_run(out, _config_of(flags, args.model, args.sparsity)) if args.reuse else None
+        prune = None
+        if record is None:
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(f"{out}.work", ignore_errors=True)
+            prune = run_measured(bonsai_cmd("prune", "--model", args.model, "--sparsity", str(args.sparsity),
+                                            "--calib", rel(WIKI_VALID), "--out", rel(out), *flags),
+                                 work / f"{name}.prune.log")
+            record = json.loads((out / "pruning_record.json").read_text())
         metrics_json = work / f"{name}.eval.json"
         run_measured(bonsai_cmd("eval", "--model", rel(out), *eval_flags, "--json", str(metrics_json)),
                      work / f"{name}.eval.log")
-        s = json.loads((out / "pruning_record.json").read_text())["summary"]
+        s = record["summary"]
         row = {
             "variant": name, "what": what, "prune_flags": flags, **started,
             "heldout_ppl": json.loads(metrics_json.read_text())["ppl"],
             "forward_tokens": s["forward_tokens"], "rounds": s["rounds"], "realised_sparsity": s["sparsity"],
             "calib_ppl": [s["calib_ppl_before"], s["calib_ppl_after"]],
-            "prune_wall_seconds": prune["wall_seconds"], "prune_peak_rss_mib": prune["peak_rss_mib"],
+            "pruned_by_this_run": prune is not None, "prune_flow_seconds": s["wall_seconds"],
+            "prune_peak_rss_mib": prune["peak_rss_mib"] if prune else None,
         }
         print(json.dumps(row, indent=1), flush=True)
         _merge(Path(args.out), row, header)

@@ -21,6 +21,7 @@ KNOB_FLAGS = {  # flag -> (config key, type)
     "--utility": ("utility", str),
     "--regression": ("regression", str),
     "--module-share": ("module_share", str),
+    "--sample-windows": ("sample_windows", int),
     "--cv-folds": ("cv_folds", int),
     "--batch-size": ("eval_batch_size", int),
     "--shard-size": ("shard_size", int),

@@ -48,6 +48,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "utility": "ppl",
         "regression": "lasso_cv",
         "module_share": "fixed",
+        "sample_windows": 0,
     },
     # CPU-friendly defaults: fewer, shorter windows and sub-models, larger rounds, and the prior-scaled regression
     # (few coefficients, so 48 sub-models determine them; benchmarks/results/sample_efficiency.json).
@@ -60,6 +61,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "utility": "loss",
         "regression": "prior_scaled",
         "module_share": "fixed",
+        "sample_windows": 0,
     },
 }
 
@@ -80,6 +82,7 @@ class PruneConfig:
     utility: str | None = None
     regression: str | None = None
     module_share: str | None = None
+    sample_windows: int | None = None
     cv_folds: int = 5
     eval_batch_size: int = 8
     shard_size: int = 8
@@ -136,6 +139,11 @@ class PruneConfig:
         if self.scheduler is not None and (not isinstance(self.scheduler, str) or not self.scheduler.strip()):
             raise BonsaiError(
                 f"scheduler must be a Dask scheduler address such as tcp://host:8786, got {self.scheduler!r}"
+            )
+        if not 0 <= self.sample_windows <= self.calib_windows:
+            raise BonsaiError(
+                f"sample_windows must be in [0, calib_windows={self.calib_windows}] (0 = all), "
+                f"got {self.sample_windows}"
             )
         if self.calib_seq_len < 0:
             raise BonsaiError(f"calib_seq_len must be >= 0 (0 = full context), got {self.calib_seq_len}")

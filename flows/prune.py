@@ -122,6 +122,7 @@ def prune_flow(config: PruneConfig, out: str, work_dir: str | None = None, overw
                 cfg.utility,
                 cfg.eval_batch_size,
                 round_dir,
+                cfg.sample_windows,
             )
             for k in range(n_shards)
         ]
@@ -138,7 +139,8 @@ def prune_flow(config: PruneConfig, out: str, work_dir: str | None = None, overw
             raise BonsaiError(f"round {r} removed nothing (budget {budget:,} parameters); lower p_iter or the target")
         ckpt, rounds = new_ckpt, new_ckpt["rounds"]
         removed = n0 - summary["non_embedding_params"]
-        forward_tokens += prior_ref["tokens"] * (cfg.n_samples + 2)  # prior pass + sub-models + check pass
+        # prior pass + check pass over every calibration window, sub-models over the first `sample_windows`
+        forward_tokens += sum(s["tokens"] for s in shard_refs) + 2 * prior_ref["tokens"]
         create_markdown_artifact(
             _round_markdown(r, summary, n0), key=f"bonsai-round-{r}", description=f"Bonsai round {r}"
         )

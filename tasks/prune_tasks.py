@@ -181,20 +181,24 @@ def evaluate_shard_task(
     utility: str,
     batch_size: int,
     round_dir: str,
+    sample_windows: int = 0,
 ) -> dict:
-    """Step 4: utilities of sub-models [start, stop) — masked forwards over the round's windows."""
+    """Step 4: utilities of sub-models [start, stop) — masked forwards over the round's first `sample_windows`
+    calibration windows (0 = all of them; the prior pass always reads all)."""
     path = Path(round_dir) / "shards" / f"shard_{shard:04d}.parquet"
     sha = _reuse(path, f"shard {shard}")
     reused = sha is not None
     if sha is None:
         keep = read_keep_masks(masks_ref["path"])
         win = _windows(windows["path"], windows["sha256"])
+        win = win[:sample_windows] if sample_windows else win
         desc = f"{Path(round_dir).name} shard {shard}"
         rows = _submodel_utilities(ckpt, win, keep, start, stop, utility, batch_size, desc)
         table = pd.DataFrame(rows, columns=["sample", "utility", "mean_nll", "seconds"])
         table["sample"] = table["sample"].astype(np.int32)
         sha = write_table(table, path, {"tokens": int(win.size) * (stop - start)})
-    return {"path": str(path), "sha256": sha, "shard": shard, "reused": reused}
+    tokens = read_table(path)[1]["tokens"]
+    return {"path": str(path), "sha256": sha, "shard": shard, "reused": reused, "tokens": tokens}
 
 
 @task(**TASK_OPTS)
