@@ -51,6 +51,9 @@ def main() -> None:
     started = provenance()
     from distributed import LocalCluster
 
+    load_before = os.getloadavg()
+    environ = dict(os.environ)
+
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     knobs = ["--model", args.model, "--sparsity", "0.1", "--p-iter", "0.1", "--preset", "fast", "--calib",
@@ -66,6 +69,10 @@ def main() -> None:
             n_workers, threads = clusters[name]
             with LocalCluster(n_workers=n_workers, threads_per_worker=threads, processes=True,
                               dashboard_address=None) as cluster:
+                # LocalCluster leaves its workers' pre-spawn settings (OMP_NUM_THREADS=1, OPENBLAS_NUM_THREADS=1,
+                # ...) in this process's environment; the prune process must start with the same one as the others
+                os.environ.clear()
+                os.environ.update(environ)
                 measured = run_measured([*cmd, "--scheduler", cluster.scheduler_address], work / f"{name}.log")
             placement = {"scheduler": "tcp://127.0.0.1:PORT", "dask_workers": n_workers, "threads_per_worker": threads}
         else:
@@ -83,6 +90,8 @@ def main() -> None:
     base = runs["in_process"]
     write_result(Path(args.out), {
         **started, "model": args.model, "cpus": os.cpu_count(),
+        # other jobs on the machine slow multi-threaded torch far more than single-threaded workers
+        "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
         "prune": f"one round, sparsity 0.1, {args.n_samples} sub-models in shards of {args.shard_size}, "
                  "calibration 8 x 128 tokens of WikiText-2 valid (preset fast)",
         "runs": runs, "identical_outputs": identical,

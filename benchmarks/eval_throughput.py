@@ -19,6 +19,7 @@ wall time and in this process's CPU time (less sensitive to other jobs on a shar
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -51,9 +52,16 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--batch-size", type=int, default=8)
+    # One torch thread by default: the ratios are the point, and on a 2-core machine shared with other jobs two
+    # OpenMP threads wait on each other whenever one is descheduled (measured here: a 2-thread evaluation took
+    # 3-4x the wall time of a 1-thread one under load), which swamps a 5% effect. A Dask shard worker runs
+    # with one thread too.
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "eval_throughput.json"))
     args = p.parse_args()
     started = provenance()
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     fast = PRESETS["fast"]
     model, tokenizer, kept = load_for_pruning(resolve_model_source(args.model))
     win, _ = prepare_windows(str(WIKI_VALID), tokenizer, n_windows=fast["calib_windows"],
@@ -122,6 +130,7 @@ def main() -> None:
                  for name in masks}
     write_result(Path(args.out), {
         **started, "model": args.model, "torch_threads": torch.get_num_threads(),
+        "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
         "windows": f"{rel(WIKI_VALID)}: {win.shape[0]} windows x {win.shape[1]} tokens (preset fast), "
                    f"batch {args.batch_size}",
         "tokens_per_evaluation": tokens, "repeats": args.repeats,

@@ -10,6 +10,7 @@ so running the same command again after a crash reuses every finished shard and 
 # Prefect's parameter validation ("`Prune_FlowModel` is not fully defined").
 import contextlib
 import math
+import os
 import time
 from pathlib import Path
 
@@ -236,6 +237,10 @@ def _one_api_for_workers():
 def run_prune(cfg: PruneConfig, out: str, work_dir: str | None = None, overwrite: bool = False) -> dict:
     """Run the flow with its shards on the runner `shard_runner` picks for the config."""
     runner = shard_runner(cfg.validate())
-    api = contextlib.nullcontext() if isinstance(runner, ThreadPoolTaskRunner) else _one_api_for_workers()
-    with api:
+    if isinstance(runner, ThreadPoolTaskRunner):
+        return prune_flow.with_options(task_runner=runner)(cfg, out, work_dir=work_dir, overwrite=overwrite)
+    # shard tasks find the checkpoint, windows and masks by path: a Dask worker need not share this process's
+    # working directory, so the work directory goes to them as an absolute path
+    work_dir = os.path.abspath(work_dir or f"{out}.work")
+    with _one_api_for_workers():
         return prune_flow.with_options(task_runner=runner)(cfg, out, work_dir=work_dir, overwrite=overwrite)

@@ -75,8 +75,9 @@ def test_two_local_dask_workers_match_one_process(in_process, stories_dir, tmp_p
     _assert_same_prune(in_process, _prune(stories_dir, tmp_path / "two", "--workers", "2"))
 
 
-def test_existing_scheduler_with_a_two_thread_worker(in_process, stories_dir, tmp_path):
-    """Two shards at a time in one worker process share its one model replica, in turn."""
+def test_existing_scheduler_with_a_two_thread_worker(in_process, stories_dir, tmp_path, monkeypatch):
+    """Two shards at a time in one worker process share its one model replica, in turn; a relative --out works
+    although the worker runs in another directory."""
     from distributed import Client, LocalCluster
 
     import tasks.prune_tasks as prune_tasks
@@ -85,7 +86,8 @@ def test_existing_scheduler_with_a_two_thread_worker(in_process, stories_dir, tm
         LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster,
         Client(cluster, set_as_default=False) as client,
     ):
-        out = _prune(stories_dir, tmp_path / "remote", "--scheduler", cluster.scheduler_address)
+        monkeypatch.chdir(tmp_path)  # after the worker started: it stays in the old directory
+        _prune(stories_dir, Path("remote"), "--scheduler", cluster.scheduler_address)
         loads = client.run(lambda: prune_tasks._checkpoint.cache_info().misses)
     assert sum(loads.values()) >= 2  # each round's checkpoint was loaded in the cluster's worker, not here
-    _assert_same_prune(in_process, out)
+    _assert_same_prune(in_process, tmp_path / "remote")
