@@ -60,6 +60,8 @@ def _quiet_services() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # the temporary Prefect API gets 20 s to start by default; on a loaded 2-core box that was measured to time out
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def build_parser() -> argparse.ArgumentParser:
