@@ -23,6 +23,7 @@ from torch import nn
 
 from bonsai.architectures import family_of, layer_shapes
 from bonsai.errors import BonsaiError
+from bonsai.memory import release_free_memory
 
 REMOTE_DIR = Path(__file__).parent / "remote"
 REMOTE_FILES = ("configuration_bonsai.py", "modeling_bonsai.py")
@@ -133,8 +134,9 @@ def register_auto_classes() -> None:
 register_auto_classes()
 
 
-def load_pruned_model(path: str | Path, *, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Load a pruned checkpoint with this package's copy of the model code (no remote code executed)."""
+def load_pruned_model(path: str | Path, *, dtype: torch.dtype = torch.float32, in_memory: bool = False) -> nn.Module:
+    """Load a pruned checkpoint with this package's copy of the model code (no remote code executed);
+    ``in_memory``: read the weights instead of memory-mapping them (see `bonsai.sources.load_model_and_tokenizer`)."""
     from bonsai.remote import configuration_bonsai, modeling_bonsai
 
     path = Path(path)
@@ -143,24 +145,26 @@ def load_pruned_model(path: str | Path, *, dtype: torch.dtype = torch.float32) -
     config_cls = getattr(configuration_bonsai, family.config_class)
     model_cls = getattr(modeling_bonsai, family.model_class)
     config = config_cls.from_pretrained(path)
-    model = model_cls.from_pretrained(path, config=config, dtype=dtype)
+    model = model_cls.from_pretrained(path, config=config, dtype=dtype, disable_mmap=in_memory)
     return model.eval()
 
 
 def load_for_pruning(path: str | Path, *, dtype: torch.dtype = torch.float32):
     """(model, tokenizer, kept) for a source model or a pruned checkpoint; `kept` lists, per kind and layer,
-    the original indices of the units still present."""
+    the original indices of the units still present. The weights are read into memory, not mapped: shrinking
+    slices them into fresh tensors, and a mapping would stay resident behind the unsliced embedding."""
     from transformers import AutoTokenizer
 
     from bonsai.sources import load_model_and_tokenizer
     from bonsai.units import full_kept
 
+    release_free_memory()  # the previous round's model was just freed: hand its pages back before reading the next
     path = Path(path)
     if is_pruned_checkpoint(path):
-        model = load_pruned_model(path, dtype=dtype)
+        model = load_pruned_model(path, dtype=dtype, in_memory=True)
         tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
         return model, tokenizer, read_record(path)["kept_units"]
-    model, tokenizer = load_model_and_tokenizer(path, dtype=dtype)
+    model, tokenizer = load_model_and_tokenizer(path, dtype=dtype, in_memory=True)
     family_of(model.config)
     return model, tokenizer, full_kept(model)
 

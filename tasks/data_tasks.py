@@ -11,8 +11,8 @@ from prefect import get_run_logger, task
 from bonsai.architectures import family_of
 from bonsai.artifacts import content_key, record_artifact
 from bonsai.checkpoint import is_pruned_checkpoint, load_for_pruning, read_record, sha256_file
-from bonsai.data import prepare_windows, save_windows
-from bonsai.sources import model_fingerprint, resolve_model_source
+from bonsai.data import SELF_SOURCE, prepare_windows, save_windows
+from bonsai.sources import load_tokenizer, model_fingerprint, resolve_model_source
 from tasks.prune_tasks import TASK_OPTS, _reuse
 
 
@@ -38,10 +38,10 @@ def prepare_windows_task(
     path = Path(out_dir) / f"{purpose}-{key}.parquet"
     sha = _reuse(path, f"{purpose} windows")
     if sha is None:
-        loaded, tokenizer, _ = load_for_pruning(model["path"])
-        if tokenizer is None:
-            raise FileNotFoundError(f"model {model['path']} has no tokenizer files")
-        if is_pruned_checkpoint(model["path"]) and source == "self":
+        # only self-generated text needs the weights; a text file needs the tokenizer alone
+        loaded = load_for_pruning(model["path"])[0] if source == SELF_SOURCE else None
+        tokenizer = load_tokenizer(Path(model["path"]))
+        if is_pruned_checkpoint(model["path"]) and source == SELF_SOURCE:
             get_run_logger().warning("self-generated %s text comes from the pruned model itself", purpose)
         windows, meta = prepare_windows(
             source, tokenizer, n_windows=n_windows, seq_len=seq_len, seed=seed, purpose=purpose, model=loaded

@@ -286,15 +286,15 @@ def test_pruned_checkpoint_is_delegated(tiny_dir, monkeypatch):
     (tiny_dir / "config.json").write_text(json.dumps(cfg))
     calls = []
 
-    def load_pruned_model(path, dtype):
-        calls.append((path, dtype))
+    def load_pruned_model(path, dtype, in_memory):
+        calls.append((path, dtype, in_memory))
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).train()
 
     fake = types.ModuleType("bonsai.checkpoint")
     fake.load_pruned_model = load_pruned_model
     monkeypatch.setitem(sys.modules, "bonsai.checkpoint", fake)
-    model, tok = load_model_and_tokenizer(tiny_dir, dtype=torch.float64)
-    assert calls == [(tiny_dir, torch.float64)]
+    model, tok = load_model_and_tokenizer(tiny_dir, dtype=torch.float64, in_memory=True)
+    assert calls == [(tiny_dir, torch.float64, True)]
     assert not model.training
     assert tok("the cat").input_ids == [3, 5]
 

@@ -1,0 +1,43 @@
+"""Memory behaviour a prune's peak depends on: weights loaded for pruning are not memory-mapped (the unsliced
+embedding would pin the whole mapped file next to the sliced copies), and freed heap pages can be returned."""
+
+from __future__ import annotations
+
+import ctypes.util
+from pathlib import Path
+
+import pytest
+from tiny_models import tiny_model
+
+from bonsai.checkpoint import load_for_pruning, save_pruned
+from bonsai.memory import release_free_memory
+from bonsai.units import full_kept
+
+MAPS = Path("/proc/self/maps")
+needs_proc = pytest.mark.skipif(not MAPS.exists(), reason="needs /proc/self/maps (Linux)")
+
+
+def _mapped(path: Path) -> bool:
+    return str(path.resolve()) in MAPS.read_text()
+
+
+@needs_proc
+def test_pruning_load_does_not_map_a_pruned_checkpoint(tmp_path):
+    model = tiny_model("llama")
+    ckpt = save_pruned(model, None, tmp_path / "pruned", {"kept_units": full_kept(model)})
+    loaded, _, _ = load_for_pruning(ckpt)
+    assert not _mapped(ckpt / "model.safetensors")
+    assert loaded.model.embed_tokens.weight.untyped_storage().nbytes() == loaded.model.embed_tokens.weight.nbytes
+
+
+@needs_proc
+def test_pruning_load_does_not_map_a_source_model(stories_dir):
+    weights = next(stories_dir.glob("*.safetensors"))
+    load_for_pruning(stories_dir)
+    assert not _mapped(weights)
+
+
+def test_release_free_memory_reports_whether_it_can_trim():
+    libc = ctypes.util.find_library("c")
+    has_trim = libc is not None and hasattr(ctypes.CDLL(libc), "malloc_trim")
+    assert release_free_memory() is has_trim
