@@ -43,6 +43,13 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "prior_scaled_24x4of32": ("prior-scaled, prior from 32x128 windows, 24 sub-models scored on the first 4",
                               ["--preset", "fast", "--regression", "prior_scaled", "--module-share", "fixed",
                                "--n-samples", "24", "--calib-windows", "32", "--sample-windows", "4"]),
+    "prior_scaled_32x4of8": ("prior-scaled, prior from the 8x128 windows, 32 sub-models scored on the first 4",
+                             ["--preset", "fast", "--regression", "prior_scaled", "--module-share", "fixed",
+                              "--n-samples", "32", "--calib-windows", "8", "--sample-windows", "4"]),
+    "prior_scaled_40x4of8_p125": ("prior-scaled, 12.5%/round (4 rounds), 40 sub-models on the first 4 of 8x128",
+                                  ["--preset", "fast", "--regression", "prior_scaled", "--module-share", "fixed",
+                                   "--n-samples", "40", "--calib-windows", "8", "--sample-windows", "4",
+                                   "--p-iter", "0.125"]),
 }
 
 

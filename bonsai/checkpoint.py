@@ -149,10 +149,11 @@ def load_pruned_model(path: str | Path, *, dtype: torch.dtype = torch.float32, i
     return model.eval()
 
 
-def load_for_pruning(path: str | Path, *, dtype: torch.dtype = torch.float32):
+def load_for_pruning(path: str | Path, *, dtype: torch.dtype = torch.float32, in_memory: bool = True):
     """(model, tokenizer, kept) for a source model or a pruned checkpoint; `kept` lists, per kind and layer,
-    the original indices of the units still present. The weights are read into memory, not mapped: shrinking
-    slices them into fresh tensors, and a mapping would stay resident behind the unsliced embedding."""
+    the original indices of the units still present. By default the weights are read into memory, not mapped:
+    shrinking slices them into fresh tensors, and a mapping would stay resident behind the unsliced embedding.
+    Read-only users (evaluation) pass ``in_memory=False``: a mapped model costs only the pages it touches."""
     from transformers import AutoTokenizer
 
     from bonsai.sources import load_model_and_tokenizer
@@ -161,10 +162,10 @@ def load_for_pruning(path: str | Path, *, dtype: torch.dtype = torch.float32):
     release_free_memory()  # the previous round's model was just freed: hand its pages back before reading the next
     path = Path(path)
     if is_pruned_checkpoint(path):
-        model = load_pruned_model(path, dtype=dtype, in_memory=True)
+        model = load_pruned_model(path, dtype=dtype, in_memory=in_memory)
         tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
         return model, tokenizer, read_record(path)["kept_units"]
-    model, tokenizer = load_model_and_tokenizer(path, dtype=dtype, in_memory=True)
+    model, tokenizer = load_model_and_tokenizer(path, dtype=dtype, in_memory=in_memory)
     family_of(model.config)
     return model, tokenizer, full_kept(model)
 

@@ -29,8 +29,6 @@ all of them alike, and adds ratios against the first model (the dense one).
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import gc
 import math
 import os
@@ -44,6 +42,7 @@ import torch
 from torch import nn
 
 from bonsai.errors import BonsaiError
+from bonsai.memory import release_free_memory
 
 __all__ = ["compare_speed", "dir_size", "measure_speed"]
 
@@ -80,12 +79,6 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
-def _malloc_trim() -> None:
-    gc.collect()
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 class _CpuPeak:
     """Peak RSS of this process during a ``with`` block: kernel high-water mark reset via clear_refs, else a
     sampling thread."""
@@ -97,7 +90,8 @@ class _CpuPeak:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> _CpuPeak:
-        _malloc_trim()
+        gc.collect()
+        release_free_memory()
         try:
             _CLEAR_REFS.write_text("5")
             self.method = "VmHWM after clear_refs reset"

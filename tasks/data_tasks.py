@@ -39,7 +39,7 @@ def prepare_windows_task(
     sha = _reuse(path, f"{purpose} windows")
     if sha is None:
         # only self-generated text needs the weights; a text file needs the tokenizer alone
-        loaded = load_for_pruning(model["path"])[0] if source == SELF_SOURCE else None
+        loaded = load_for_pruning(model["path"], in_memory=False)[0] if source == SELF_SOURCE else None
         tokenizer = load_tokenizer(Path(model["path"]))
         if is_pruned_checkpoint(model["path"]) and source == SELF_SOURCE:
             get_run_logger().warning("self-generated %s text comes from the pruned model itself", purpose)

@@ -21,8 +21,8 @@ def evaluate_task(
 ) -> dict:
     """Metrics dict; with `json_path`, the per-window losses go to a Parquet beside where the metrics JSON will
     be written (by the flow, once every metric is in)."""
-    loaded, _, _ = load_for_pruning(model["path"])
-    ref = load_for_pruning(reference["path"])[0] if reference else None
+    loaded, _, _ = load_for_pruning(model["path"], in_memory=False)  # read-only: map, touch only what is used
+    ref = load_for_pruning(reference["path"], in_memory=False)[0] if reference else None
     win, _ = load_windows(windows["path"])
     summary = evaluation_summary(loaded, win, batch_size=batch_size, reference=ref)
     per_window = summary.pop("per_window")
@@ -53,7 +53,7 @@ def write_metrics(json_path: str, metrics: dict) -> None:
 @task(**TASK_OPTS)
 def zeroshot_task(model: dict, tasks: list[str], data_dir: str | None, limit: int | None, batch_size: int) -> dict:
     """Zero-shot accuracy through lm-eval: offline task configs over `data_dir`, or the stock tasks (hub)."""
-    loaded, tokenizer, _ = load_for_pruning(model["path"])
+    loaded, tokenizer, _ = load_for_pruning(model["path"], in_memory=False)
     return run_zeroshot(
         loaded, tokenizer, tasks, data_dir=Path(data_dir) if data_dir else None, limit=limit, batch_size=batch_size
     )

@@ -28,6 +28,8 @@ def test_pruning_load_does_not_map_a_pruned_checkpoint(tmp_path):
     loaded, _, _ = load_for_pruning(ckpt)
     assert not _mapped(ckpt / "model.safetensors")
     assert loaded.model.embed_tokens.weight.untyped_storage().nbytes() == loaded.model.embed_tokens.weight.nbytes
+    mapped, _, _ = load_for_pruning(ckpt, in_memory=False)  # evaluation's read-only load maps the file
+    assert _mapped(ckpt / "model.safetensors")
 
 
 @needs_proc
