@@ -50,6 +50,17 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                                   ["--preset", "fast", "--regression", "prior_scaled", "--module-share", "fixed",
                                    "--n-samples", "40", "--calib-windows", "8", "--sample-windows", "4",
                                    "--p-iter", "0.125"]),
+    "prior_scaled_24x4of8": ("prior-scaled, prior from the 8x128 windows, 24 sub-models scored on the first 4",
+                             ["--preset", "fast", "--regression", "prior_scaled", "--module-share", "fixed",
+                              "--n-samples", "24", "--calib-windows", "8", "--sample-windows", "4"]),
+    "prior_scaled_16x4of8_p0625": ("prior-scaled, 6.25%/round (8 rounds), 16 sub-models on the first 4 of 8x128",
+                                   ["--preset", "fast", "--regression", "prior_scaled", "--module-share", "fixed",
+                                    "--n-samples", "16", "--calib-windows", "8", "--sample-windows", "4",
+                                    "--p-iter", "0.0625"]),
+    "prior_scaled_12x4of8_p05": ("prior-scaled, 5%/round (10 rounds), 12 sub-models on the first 4 of 8x128",
+                                 ["--preset", "fast", "--regression", "prior_scaled", "--module-share", "fixed",
+                                  "--n-samples", "12", "--calib-windows", "8", "--sample-windows", "4",
+                                  "--p-iter", "0.05"]),
 }
 
 
