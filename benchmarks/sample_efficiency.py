@@ -61,6 +61,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                                  ["--preset", "fast", "--regression", "prior_scaled", "--module-share", "fixed",
                                   "--n-samples", "12", "--calib-windows", "8", "--sample-windows", "4",
                                   "--p-iter", "0.05"]),
+    "prior_scaled_24x4of8_seed1": ("prior_scaled_24x4of8 with seed 1 (other calibration windows and masks)",
+                                   ["--preset", "fast", "--regression", "prior_scaled", "--module-share", "fixed",
+                                    "--n-samples", "24", "--calib-windows", "8", "--sample-windows", "4",
+                                    "--seed", "1"]),
 }
 
 
