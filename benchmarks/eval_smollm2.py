@@ -2,7 +2,8 @@
 
 WikiText-2 test raw perplexity (128 windows × 512 tokens, plus KL and top-1 agreement to the dense model, through
 `bonsai eval`), zero-shot accuracy on the seven tasks with lm-eval (`--limit 200` per task, offline configs over
-../shared/assets/zeroshot), and prefill/decode throughput and peak memory of both models measured in one process.
+../shared/assets/zeroshot), and prefill/decode throughput and peak memory of both models measured in one process,
+decode timed twice: eager, and with a static cache and the decode step compiled (torch.compile).
 Writes benchmarks/results/eval_smollm2.json and reports/smollm2-s50/report.md (+ PNGs).
 
     python benchmarks/eval_smollm2.py --pruned data/bench/prune_smollm2/s50
@@ -56,6 +57,11 @@ def main() -> None:
     speed = compare_speed({"dense": dense, "bonsai_50": pruned}, prompt_len=512, new_tokens=128,
                           runs=args.speed_runs, warmup=1, disk={"dense": dense_dir, "bonsai_50": pruned_dir})
     print(json.dumps(speed["ratios"], indent=1), flush=True)
+    # the same, with generate's static cache and compiled decode step (what a deployment runs): per-op dispatch
+    # overhead, equal for both models, no longer dilutes the ratio; prefill stays eager
+    speed_compiled = compare_speed({"dense": dense, "bonsai_50": pruned}, prompt_len=512, new_tokens=128,
+                                   runs=args.speed_runs, warmup=1, memory=False, compile_decode=True)
+    print(json.dumps(speed_compiled["ratios"], indent=1), flush=True)
     report = write_report(Path(args.report_dir), record=record, eval_metrics=ppl, zeroshot=zeroshot, speed=speed,
                           title="SmolLM2-135M: dense vs Bonsai 50% (fast preset)",
                           original_shapes=original_shapes_from_config(dense.config))
@@ -64,10 +70,13 @@ def main() -> None:
             REPO) else str(pruned_dir), "pruned_summary": record["summary"],
         "wikitext2_test": {"windows": "128 x 512", "dense_ppl": ppl["reference_ppl"], "pruned_ppl": ppl["ppl"],
                            "kl": ppl["kl"], "top1_agreement": ppl["top1_agreement"]},
-        "zeroshot": zeroshot, "speed": speed, "disk_bytes": {"dense": dir_size(dense_dir),
+        "zeroshot": zeroshot, "speed": speed, "speed_compiled_decode": speed_compiled,
+        "disk_bytes": {"dense": dir_size(dense_dir),
                                                              "bonsai_50": dir_size(pruned_dir)},
         "goals": {"prefill_speedup>=1.8": speed["ratios"]["bonsai_50"].get("prefill_speedup"),
-                  "decode_speedup>=1.6": speed["ratios"]["bonsai_50"].get("decode_speedup")},
+                  "decode_speedup>=1.6": speed["ratios"]["bonsai_50"].get("decode_speedup"),
+                  "decode_speedup>=1.6 (compiled decode)": speed_compiled["ratios"]["bonsai_50"].get(
+                      "decode_speedup")},
         "report": str(report.relative_to(REPO)) if report.is_relative_to(REPO) else str(report),
     })
 

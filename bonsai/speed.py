@@ -158,8 +158,11 @@ class _Stamps:
 
 
 class _Bench:
-    def __init__(self, model: nn.Module, device: torch.device, prompt_len: int, new_tokens: int, seed: int):
+    def __init__(
+        self, model: nn.Module, device: torch.device, prompt_len: int, new_tokens: int, seed: int, compile_decode: bool
+    ):
         self.model = model
+        self.generate_kwargs = _compiled_decode_kwargs() if compile_decode else {}
         self.device = device
         self.prompt_len, self.new_tokens = prompt_len, new_tokens
         emb = model.get_input_embeddings()
@@ -203,6 +206,7 @@ class _Bench:
             use_cache=True,
             pad_token_id=self.pad,
             streamer=stamps,
+            **self.generate_kwargs,
         )
         self.sync()
         t_end = stamps.end_t if stamps.end_t is not None else time.perf_counter()
@@ -211,6 +215,17 @@ class _Bench:
             raise BonsaiError(f"generate produced {produced} tokens, expected {self.new_tokens}")
         first = stamps.first if stamps.first is not None else t_end
         return t_end - t0, first - t0, t_end - first
+
+
+def _compiled_decode_kwargs() -> dict[str, Any]:
+    """generate() options for the deployment-style decode: a static KV cache and the one-token step compiled with
+    torch.compile (transformers does this by itself on CUDA; `_compile_all_devices` extends it to CPU). It removes
+    most per-op dispatch overhead, which is the same for a dense and a pruned model and so caps their ratio."""
+    from transformers.generation import CompileConfig
+
+    config = CompileConfig(fullgraph=False, dynamic=False)
+    config._compile_all_devices = True
+    return {"cache_implementation": "static", "compile_config": config}
 
 
 def _check_positive_int(name: str, value: int, minimum: int = 1) -> int:
@@ -287,6 +302,7 @@ def _measure(
     seed: int,
     memory: bool,
     threads: int | None,
+    compile_decode: bool = False,
 ) -> dict[str, dict[str, Any]]:
     if not models:
         raise BonsaiError("no models to measure")
@@ -304,7 +320,7 @@ def _measure(
         benches = {}
         for name, m in models.items():
             m.to(dev).eval()
-            benches[name] = _Bench(m, dev, prompt_len, new_tokens, seed)
+            benches[name] = _Bench(m, dev, prompt_len, new_tokens, seed, compile_decode)
         with torch.inference_mode():
             for _ in range(warmup):
                 for b in benches.values():
@@ -328,6 +344,7 @@ def _measure(
                 "torch_threads": torch.get_num_threads(),
                 "prompt_len": prompt_len,
                 "new_tokens": new_tokens,
+                "decode_mode": "static cache, torch.compile" if compile_decode else "eager",
                 "runs": runs,
                 "warmup": warmup,
                 "prefill_tokens_per_s": _rate(prompt_len, _median(b.prefill_s)),
@@ -359,11 +376,13 @@ def measure_speed(
     seed: int = 0,
     memory: bool = True,
     threads: int | None = None,
+    compile_decode: bool = False,
 ) -> dict[str, Any]:
     """Speed of one model (module docstring for the method). ``device``: ``"cpu"``, ``"cuda[:i]"`` or ``"auto"``;
     the model is moved there for the measurement and back afterwards. ``threads``: torch CPU threads for the
     measurement (default: leave as set; on a CPU shared with other work, more threads than free cores can be
-    many times slower, so pass 1 there).
+    many times slower, so pass 1 there). ``compile_decode``: time generate() with a static cache and the decode
+    step compiled (warm-up runs absorb the compilation, so keep ``warmup`` >= 1).
 
     Returns ``params``, ``non_embedding_params``, ``model_bytes``, ``dtype``, ``device``, ``torch_threads``, the
     settings, ``prefill_tokens_per_s``, ``decode_tokens_per_s``, ``generate_tokens_per_s``,
@@ -381,6 +400,7 @@ def measure_speed(
         seed=seed,
         memory=memory,
         threads=threads,
+        compile_decode=compile_decode,
     )["model"]
 
 
@@ -407,9 +427,11 @@ def compare_speed(
     memory: bool = True,
     threads: int | None = None,
     disk: dict[str, str | Path] | None = None,
+    compile_decode: bool = False,
 ) -> dict[str, Any]:
     """Measure every model in ``models`` (name -> model; the first is the baseline, normally ``"dense"``) in this
-    process with interleaved runs. ``disk`` optionally maps names to checkpoint paths for ``disk_bytes``.
+    process with interleaved runs. ``disk`` optionally maps names to checkpoint paths for ``disk_bytes``;
+    ``compile_decode`` as in :func:`measure_speed`.
 
     Returns ``{"baseline": name, "models": {name: measure_speed-like dict}, "ratios": {name: {...}}}``; the
     ratios are model / baseline (``*_speedup`` for throughputs, ``*_ratio`` for sizes; None where undefined).
@@ -426,6 +448,7 @@ def compare_speed(
         seed=seed,
         memory=memory,
         threads=threads,
+        compile_decode=compile_decode,
     )
     for name, path in (disk or {}).items():
         if name in results:

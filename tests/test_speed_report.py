@@ -135,3 +135,20 @@ def test_report_minimal_and_inconsistent_inputs(tmp_path):
     with pytest.raises(BonsaiError, match="original count"):
         write_report(tmp_path / "r3", record=rec, eval_metrics=None, zeroshot=None, speed=None, title="t",
                      original_shapes=[{"attn_groups": 1, "mlp_channels": 1}] * len(kept[ATTN]))
+
+
+def test_compiled_decode_matches_eager_tokens_on_a_pruned_model():
+    """The deployment-style decode (static cache + torch.compile) on a model with layers of different widths:
+    the same greedy tokens as eager decoding, and measure_speed records which mode it timed."""
+    from bonsai.speed import _compiled_decode_kwargs
+
+    model, _ = _pruned()
+    ids = torch.randint(3, model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        eager = model.generate(input_ids=ids, **kw)
+        compiled = model.generate(input_ids=ids, **kw, **_compiled_decode_kwargs())
+    assert torch.equal(eager, compiled)
+    r = measure_speed(model, prompt_len=10, new_tokens=5, runs=1, warmup=1, threads=1, memory=False,
+                      compile_decode=True)
+    assert r["decode_mode"] == "static cache, torch.compile" and r["decode_tokens_per_s"] > 0
