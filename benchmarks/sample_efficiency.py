@@ -65,6 +65,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                                    ["--preset", "fast", "--regression", "prior_scaled", "--module-share", "fixed",
                                     "--n-samples", "24", "--calib-windows", "8", "--sample-windows", "4",
                                     "--seed", "1"]),
+    "prior_scaled_32x4of8_seed1": ("prior_scaled_32x4of8 with seed 1 (other calibration windows and masks)",
+                                   ["--preset", "fast", "--regression", "prior_scaled", "--module-share", "fixed",
+                                    "--n-samples", "32", "--calib-windows", "8", "--sample-windows", "4",
+                                    "--seed", "1"]),
 }
 
 

@@ -80,6 +80,7 @@ def estimate_importance(
     prior: np.ndarray | None = None,
     modules: np.ndarray | None = None,
     kinds: np.ndarray | None = None,
+    costs: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per-unit importance beta (float64, shape (n_units,)) from sub-model masks and their utilities.
 
@@ -87,8 +88,8 @@ def estimate_importance(
     ``method`` is ``lasso_cv`` (L1 fit, penalty by ``cv_folds``-fold CV on Kendall tau, folds drawn from
     ``seed``) or ``ridge`` (closed form, penalty by GCV). Units that never vary across samples get beta 0.
     ``prior`` (higher = more important) breaks exact ties in beta. ``prior_scaled`` also needs ``modules`` and
-    ``kinds`` (integer ids per unit: its layer-and-kind module, its kind) and a non-negative prior. Deterministic
-    for fixed inputs.
+    ``kinds`` (integer ids per unit: its layer-and-kind module, its kind), ``costs`` (parameters per unit) and a
+    non-negative prior. Deterministic for fixed inputs.
     """
     X, y = _validate(masks, utilities, method, cv_folds, prior)
     if method == "lasso_cv":
@@ -96,7 +97,7 @@ def estimate_importance(
     elif method == "ridge":
         beta = _ridge_gcv(X, y)
     else:
-        beta = _prior_scaled(X, y, *_validate_groups(prior, modules, kinds, X.shape[1]))
+        beta = _prior_scaled(X, y, *_validate_groups(prior, modules, kinds, costs, X.shape[1]))
     if prior is None:
         return beta
     return _prior_tiebreak(beta, np.asarray(prior, dtype=np.float64))
@@ -428,20 +429,27 @@ def _ridge_gcv(X: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def _validate_groups(
-    prior: np.ndarray | None, modules: np.ndarray | None, kinds: np.ndarray | None, p: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    if prior is None or modules is None or kinds is None:
-        raise BonsaiError("prior_scaled needs the prior and the module and kind of every unit")
+    prior: np.ndarray | None,
+    modules: np.ndarray | None,
+    kinds: np.ndarray | None,
+    costs: np.ndarray | None,
+    p: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    if prior is None or modules is None or kinds is None or costs is None:
+        raise BonsaiError("prior_scaled needs the prior and the module, kind and cost of every unit")
     pr = np.asarray(prior, dtype=np.float64)
     if np.any(pr < 0):
         raise BonsaiError("prior_scaled needs a non-negative prior (wanda, fluctuation, magnitude or random)")
+    cost = np.asarray(costs, dtype=np.float64)
+    if cost.shape != (p,) or not np.all(cost > 0):
+        raise BonsaiError(f"costs must be {p} positive parameter counts, got shape {cost.shape}")
     groups = []
     for name, ids in (("modules", modules), ("kinds", kinds)):
         ids = np.asarray(ids)
         if ids.shape != (p,) or not np.issubdtype(ids.dtype, np.integer) or (p and ids.min() < 0):
             raise BonsaiError(f"{name} must be {p} non-negative integer ids, got shape {ids.shape} ({ids.dtype})")
         groups.append(ids)
-    return pr, groups[0], groups[1]
+    return pr, groups[0], groups[1], cost
 
 
 def _kept_mass(X: np.ndarray, weight: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -451,7 +459,9 @@ def _kept_mass(X: np.ndarray, weight: np.ndarray, groups: np.ndarray) -> np.ndar
     return X @ onehot
 
 
-def _prior_scaled(X: np.ndarray, y: np.ndarray, prior: np.ndarray, modules: np.ndarray, kinds: np.ndarray):
+def _prior_scaled(
+    X: np.ndarray, y: np.ndarray, prior: np.ndarray, modules: np.ndarray, kinds: np.ndarray, costs: np.ndarray
+):
     """beta_j = (a_kind + c_module) * relative prior; see the module docstring."""
     module_mean = np.bincount(modules, weights=prior) / np.maximum(np.bincount(modules), 1)
     rel = np.where(module_mean[modules] > 0, prior / np.where(module_mean[modules] > 0, module_mean[modules], 1), 1.0)
@@ -460,26 +470,30 @@ def _prior_scaled(X: np.ndarray, y: np.ndarray, prior: np.ndarray, modules: np.n
     # a handful of columns against tens of sub-models: plain least squares is well determined
     a_kind, *_ = np.linalg.lstsq(centred, y - y.mean(), rcond=None)
     if np.any(a_kind[np.unique(kinds)] <= 0):
-        a_kind = _shared_kind_scale(centred, y, a_kind.shape[0])
+        kind_cost = np.bincount(kinds, weights=costs) / np.maximum(np.bincount(kinds), 1)
+        a_kind = _per_parameter_scale(centred, y, kind_cost)
     c_module = _ridge_gcv(_kept_mass(X, rel, modules), y - centred @ a_kind)
     return (a_kind[kinds] + c_module[modules]) * rel
 
 
-def _shared_kind_scale(centred: np.ndarray, y: np.ndarray, n_kinds: int) -> np.ndarray:
-    """One scale for every kind, used when the per-kind fit gives some kind a worth <= 0.
+def _per_parameter_scale(centred: np.ndarray, y: np.ndarray, kind_cost: np.ndarray) -> np.ndarray:
+    """Kind scales proportional to the kinds' unit sizes, used when the per-kind fit gives some kind a worth <= 0.
 
     Removing a whole kind's units never helps on average, so a non-positive kind scale is noise from too few
     sub-models; taken at face value it ranks every unit of that kind below all others and one round removes the
     kind everywhere (measured: 12 sub-models x 4 windows on SmolLM2-135M dropped attention from every layer,
-    held-out ppl 181708). One scale on the total kept prior mass keeps each module's units level with other
-    modules' until the module scales say otherwise; if even that is not positive, the ratio of spreads (the
-    utility's over the kept mass's) stands in for it, on the utility's scale so the module fit is not swamped."""
-    total = centred.sum(axis=1)
-    denom = float(total @ total)
+    held-out ppl 181708). The fallback fits one worth per parameter on the kept prior mass weighted by unit size,
+    so an attention group is worth its parameters' share and modules shrink at comparable rates until the module
+    scales say otherwise. If even that is not positive, the ratio of spreads (the utility's over the weighted
+    kept mass's) stands in for it, on the utility's scale so the module fit that follows is not swamped."""
+    weighted = centred @ kind_cost
+    denom = float(weighted @ weighted)
     if denom == 0:  # every sub-model kept the same prior mass: nothing to scale against
-        return np.ones(n_kinds)
-    shared = float(total @ (y - y.mean())) / denom
-    return np.full(n_kinds, shared if shared > 0 else float(np.std(y)) / float(np.std(total)) or 1.0)
+        return kind_cost / kind_cost.max()
+    per_param = float(weighted @ (y - y.mean())) / denom
+    if per_param <= 0:
+        per_param = float(np.std(y)) / float(np.std(weighted)) or 1.0
+    return per_param * kind_cost
 
 
 # ----------------------------------------------------------------------------------------------------

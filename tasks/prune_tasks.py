@@ -232,6 +232,7 @@ def regression_task(
             prior=units["prior"].to_numpy()[cand],
             modules=modules[cand],
             kinds=(units["kind"].to_numpy()[cand] == ATTN).astype(np.int64),
+            costs=units["cost"].to_numpy()[cand],
         )
         units["beta"] = beta
         sha = write_table(units, path, {"method": method})

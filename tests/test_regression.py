@@ -315,13 +315,14 @@ def _modular_problem(seed: int, n: int = 48, n_modules: int = 20, per_module: in
     beta = rng.uniform(0.2, 2.0, size=n_modules)[modules] * (1 + 2 * kinds) * prior
     X = _masks(rng, n=n, p=modules.size, keep=0.9)
     U = X @ beta + 0.5 * rng.normal(size=n)
-    return X, U, beta, prior, modules, kinds
+    costs = (1 + 2 * kinds).astype(np.float64)  # parameters per unit: "attention" units are 3x the size
+    return X, U, beta, prior, modules, kinds, costs
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_prior_scaled_recovers_module_scales_from_few_samples(seed: int) -> None:
-    X, U, beta, prior, modules, kinds = _modular_problem(seed)
-    est = estimate_importance(X, U, "prior_scaled", seed=0, prior=prior, modules=modules, kinds=kinds)
+    X, U, beta, prior, modules, kinds, costs = _modular_problem(seed)
+    est = estimate_importance(X, U, "prior_scaled", seed=0, prior=prior, modules=modules, kinds=kinds, costs=costs)
     ridge = estimate_importance(X, U, "ridge", seed=0, prior=prior)
     assert kendall_tau(est, beta) > 0.8
     bottom_true = set(np.argsort(beta)[:100].tolist())
@@ -330,15 +331,18 @@ def test_prior_scaled_recovers_module_scales_from_few_samples(seed: int) -> None
 
 
 def test_prior_scaled_input_errors() -> None:
-    X, U, _, prior, modules, kinds = _modular_problem(0, n_modules=4, per_module=5)
-    with pytest.raises(BonsaiError, match="needs the prior and the module and kind"):
+    X, U, _, prior, modules, kinds, costs = _modular_problem(0, n_modules=4, per_module=5)
+    groups = {"modules": modules, "kinds": kinds, "costs": costs}
+    with pytest.raises(BonsaiError, match="needs the prior and the module, kind and cost"):
         estimate_importance(X, U, "prior_scaled", seed=0, prior=prior)
     with pytest.raises(BonsaiError, match="non-negative prior"):
-        estimate_importance(X, U, "prior_scaled", seed=0, prior=-prior, modules=modules, kinds=kinds)
+        estimate_importance(X, U, "prior_scaled", seed=0, prior=-prior, **groups)
     with pytest.raises(BonsaiError, match="modules must be 20 non-negative integer ids"):
-        estimate_importance(X, U, "prior_scaled", seed=0, prior=prior, modules=modules[:5], kinds=kinds)
+        estimate_importance(X, U, "prior_scaled", seed=0, prior=prior, **{**groups, "modules": modules[:5]})
     with pytest.raises(BonsaiError, match="kinds must be"):
-        estimate_importance(X, U, "prior_scaled", seed=0, prior=prior, modules=modules, kinds=kinds * 0.5)
+        estimate_importance(X, U, "prior_scaled", seed=0, prior=prior, **{**groups, "kinds": kinds * 0.5})
+    with pytest.raises(BonsaiError, match="costs must be 20 positive"):
+        estimate_importance(X, U, "prior_scaled", seed=0, prior=prior, **{**groups, "costs": costs * 0})
 
 
 def test_prior_scaled_never_gives_a_whole_kind_negative_worth() -> None:
@@ -346,12 +350,13 @@ def test_prior_scaled_never_gives_a_whole_kind_negative_worth() -> None:
     below all others (one round then strips it from every layer). The fallback keeps both kinds positive."""
     flipped = 0
     for seed in range(20):
-        X, U, _, prior, modules, kinds = _modular_problem(seed, n=16)
+        X, U, _, prior, modules, kinds, costs = _modular_problem(seed, n=16)
         U = U + 100 * np.random.default_rng(100 + seed).normal(size=U.shape)  # utility noise swamps the signal
         rel_mean = np.bincount(modules, weights=prior) / np.bincount(modules)
         by_kind = np.stack([(X * (prior / rel_mean[modules]) * (kinds == k)).sum(1) for k in (0, 1)], 1)
         a_plain = np.linalg.lstsq(by_kind - by_kind.mean(0), U - U.mean(), rcond=None)[0]
         flipped += bool(np.any(a_plain <= 0))
-        est = estimate_importance(X, U, "prior_scaled", seed=0, prior=prior, modules=modules, kinds=kinds)
+        est = estimate_importance(X, U, "prior_scaled", seed=0, prior=prior, modules=modules, kinds=kinds,
+                                  costs=costs)
         assert np.median(est[kinds == 1]) > 0 and np.median(est[kinds == 0]) > 0, seed
     assert flipped >= 5  # the case this guards against does occur in these draws
