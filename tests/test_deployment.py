@@ -247,3 +247,18 @@ def test_deployment_runs_through_a_process_worker(prefect_server, deployed, stor
     assert abs(record["summary"]["sparsity"] - 0.2) <= 0.005
     assert record["config"]["n_samples"] == 8 and record["config"]["preset"] == "fast"
     assert record["weights_sha256"] == sha256_file(out / WEIGHTS_FILE)
+
+
+def test_preset_sample_windows_fit_the_calibration_windows():
+    """`fast` scores sub-models on its first 4 windows; a run with no more windows than that scores on all of
+    them instead of failing validation, and an explicit value is still checked."""
+    from bonsai.config import PRESETS
+    from bonsai.errors import BonsaiError
+
+    k = PRESETS["fast"]["sample_windows"]
+    assert 0 < k < PRESETS["fast"]["calib_windows"] and PruneConfig().validate().sample_windows == k
+    assert PruneConfig(calib_windows=k).validate().sample_windows == 0
+    assert PruneConfig(calib_windows=2).validate().sample_windows == 0
+    assert PruneConfig(calib_windows=32).validate().sample_windows == k
+    with pytest.raises(BonsaiError, match="sample_windows must be in"):
+        PruneConfig(calib_windows=2, sample_windows=3).validate()
