@@ -22,6 +22,15 @@ from common import REPO, WIKI_TEST_RAW, WIKI_VALID, bonsai_cmd, provenance, rel,
 from bonsai.cli import KNOB_FLAGS, build_parser
 from bonsai.config import PruneConfig, resolve_config
 
+
+def _prior_scaled(n_samples: int, calib_windows: int, sample_windows: int, *extra: str,
+                  module_share: str = "fixed") -> list[str]:
+    """`bonsai prune` flags of a prior_scaled variant on the fast preset's other knobs."""
+    return ["--preset", "fast", "--regression", "prior_scaled", "--module-share", module_share,
+            "--n-samples", str(n_samples), "--calib-windows", str(calib_windows), "--sample-windows",
+            str(sample_windows), *extra]
+
+
 # name -> (what it tests, `bonsai prune` flags). The paper preset's full setting (200 sub-models x 32 windows at
 # the full 8k context, 10 rounds) is ~500M forward tokens, days on this CPU: `paper_scaled` keeps its estimator,
 # utility, prior and 5% rounds but scales sub-models and windows down to the fast preset's calibration windows.
@@ -32,43 +41,27 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                    ["--preset", "fast", "--regression", "ridge", "--module-share", "fixed", "--n-samples", "48",
                     "--calib-windows", "8", "--sample-windows", "0"]),
     "prior_scaled_48x8": ("prior-scaled regression (kind + module scales on the Wanda prior), 48 x 8x128",
-                          ["--preset", "fast", "--regression", "prior_scaled", "--module-share", "fixed",
-                           "--n-samples", "48", "--calib-windows", "8", "--sample-windows", "0"]),
+                          _prior_scaled(48, 8, 0)),
     "prior_scaled_uniform_48x8": ("prior-scaled, module drop shares drawn uniformly, 48 x 8x128",
-                                  ["--preset", "fast", "--regression", "prior_scaled", "--module-share", "uniform",
-                                   "--n-samples", "48", "--calib-windows", "8", "--sample-windows", "0"]),
+                                  _prior_scaled(48, 8, 0, module_share="uniform")),
     "prior_scaled_24x4": ("prior-scaled, 24 sub-models, 4x128 windows for prior and sub-models",
-                          ["--preset", "fast", "--regression", "prior_scaled", "--module-share", "fixed",
-                           "--n-samples", "24", "--calib-windows", "4", "--sample-windows", "0"]),
+                          _prior_scaled(24, 4, 0)),
     "prior_scaled_24x4of32": ("prior-scaled, prior from 32x128 windows, 24 sub-models scored on the first 4",
-                              ["--preset", "fast", "--regression", "prior_scaled", "--module-share", "fixed",
-                               "--n-samples", "24", "--calib-windows", "32", "--sample-windows", "4"]),
+                              _prior_scaled(24, 32, 4)),
     "prior_scaled_32x4of8": ("prior-scaled, prior from the 8x128 windows, 32 sub-models scored on the first 4",
-                             ["--preset", "fast", "--regression", "prior_scaled", "--module-share", "fixed",
-                              "--n-samples", "32", "--calib-windows", "8", "--sample-windows", "4"]),
+                             _prior_scaled(32, 8, 4)),
     "prior_scaled_40x4of8_p125": ("prior-scaled, 12.5%/round (4 rounds), 40 sub-models on the first 4 of 8x128",
-                                  ["--preset", "fast", "--regression", "prior_scaled", "--module-share", "fixed",
-                                   "--n-samples", "40", "--calib-windows", "8", "--sample-windows", "4",
-                                   "--p-iter", "0.125"]),
+                                  _prior_scaled(40, 8, 4, "--p-iter", "0.125")),
     "prior_scaled_24x4of8": ("prior-scaled, prior from the 8x128 windows, 24 sub-models scored on the first 4",
-                             ["--preset", "fast", "--regression", "prior_scaled", "--module-share", "fixed",
-                              "--n-samples", "24", "--calib-windows", "8", "--sample-windows", "4"]),
+                             _prior_scaled(24, 8, 4)),
     "prior_scaled_16x4of8_p0625": ("prior-scaled, 6.25%/round (8 rounds), 16 sub-models on the first 4 of 8x128",
-                                   ["--preset", "fast", "--regression", "prior_scaled", "--module-share", "fixed",
-                                    "--n-samples", "16", "--calib-windows", "8", "--sample-windows", "4",
-                                    "--p-iter", "0.0625"]),
+                                   _prior_scaled(16, 8, 4, "--p-iter", "0.0625")),
     "prior_scaled_12x4of8_p05": ("prior-scaled, 5%/round (10 rounds), 12 sub-models on the first 4 of 8x128",
-                                 ["--preset", "fast", "--regression", "prior_scaled", "--module-share", "fixed",
-                                  "--n-samples", "12", "--calib-windows", "8", "--sample-windows", "4",
-                                  "--p-iter", "0.05"]),
+                                 _prior_scaled(12, 8, 4, "--p-iter", "0.05")),
     "prior_scaled_24x4of8_seed1": ("prior_scaled_24x4of8 with seed 1 (other calibration windows and masks)",
-                                   ["--preset", "fast", "--regression", "prior_scaled", "--module-share", "fixed",
-                                    "--n-samples", "24", "--calib-windows", "8", "--sample-windows", "4",
-                                    "--seed", "1"]),
+                                   _prior_scaled(24, 8, 4, "--seed", "1")),
     "prior_scaled_32x4of8_seed1": ("prior_scaled_32x4of8 with seed 1 (other calibration windows and masks)",
-                                   ["--preset", "fast", "--regression", "prior_scaled", "--module-share", "fixed",
-                                    "--n-samples", "32", "--calib-windows", "8", "--sample-windows", "4",
-                                    "--seed", "1"]),
+                                   _prior_scaled(32, 8, 4, "--seed", "1")),
 }
 
 
