@@ -44,7 +44,9 @@ def bonsai_cmd(*args: str) -> list[str]:
 def provenance() -> dict:
     """Call at the start of a benchmark: the commit whose code the run uses."""
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+    # results are not code: a benchmark that merges rows into a tracked JSON must not mark its next row dirty
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                 ":(exclude)benchmarks/results"], cwd=REPO,
                                 capture_output=True, text=True).stdout.strip())
     return {
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
