@@ -3,10 +3,13 @@
 WikiText-2 test raw perplexity (128 windows × 512 tokens, plus KL and top-1 agreement to the dense model, through
 `bonsai eval`), zero-shot accuracy on the seven tasks with lm-eval (`--limit 200` per task, offline configs over
 ../shared/assets/zeroshot), and prefill/decode throughput and peak memory of both models measured in one process,
-decode timed twice: eager, and with a static cache and the decode step compiled (torch.compile).
-Writes benchmarks/results/eval_smollm2.json and reports/smollm2-s50/report.md (+ PNGs).
+decode timed twice: eager, and with a static cache and the decode step compiled (torch.compile). Each speed
+table also holds the weight-streaming rate (bonsai.speed), whose ratio bounds the decode speed-up on this machine.
+`--also NAME=DIR` adds more checkpoints of the same source to the speed tables only (a 2:4 model, another Bonsai
+variant). Writes benchmarks/results/eval_smollm2.json and reports/smollm2-s50/report.md (+ PNGs).
 
-    python benchmarks/eval_smollm2.py --pruned data/bench/prune_smollm2/s50
+    python benchmarks/eval_smollm2.py --pruned data/bench/s50-m8 --also bonsai_50_unaligned=data/bench/s50 \
+        --also sparse24=data/bench/s24
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--pruned", default=str(REPO / "data" / "bench" / "prune_smollm2" / "s50"))
     p.add_argument("--limit", type=int, default=200)
-    p.add_argument("--speed-runs", type=int, default=5)
+    p.add_argument("--speed-runs", type=int, default=7)
+    p.add_argument("--also", action="append", default=[], metavar="NAME=DIR",
+                   help="another checkpoint to time beside dense and the pruned model")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "eval_smollm2.json"))
     p.add_argument("--report-dir", default=str(REPO / "reports" / "smollm2-s50"))
     args = p.parse_args()
@@ -39,6 +44,7 @@ def main() -> None:
         raise SystemExit("needs ../shared (WikiText-2 test and the zero-shot task files)")
     pruned_dir = Path(args.pruned)
     record = read_record(pruned_dir)
+    also = dict(_name_and_dir(spec) for spec in args.also)
     dense_dir = resolve_model_source(args.model)
     work = pruned_dir.parent
     metrics_json = work / "eval_with_reference.json"
@@ -54,8 +60,9 @@ def main() -> None:
         zeroshot[name] = run_zeroshot(model, tok, list(ZEROSHOT_TASKS), data_dir=zeroshot_dir, limit=args.limit,
                                       batch_size=16)
         print(name, json.dumps({t: v["value"] for t, v in zeroshot[name]["tasks"].items()}), flush=True)
-    speed = compare_speed({"dense": dense, "bonsai_50": pruned}, prompt_len=512, new_tokens=128,
-                          runs=args.speed_runs, warmup=1, disk={"dense": dense_dir, "bonsai_50": pruned_dir})
+    models = {"dense": dense, "bonsai_50": pruned, **{name: load_for_pruning(d)[0] for name, d in also.items()}}
+    speed = compare_speed(models, prompt_len=512, new_tokens=128, runs=args.speed_runs, warmup=1,
+                          disk={"dense": dense_dir, "bonsai_50": pruned_dir, **also})
     print(json.dumps(speed["ratios"], indent=1), flush=True)
     # the same, with generate's static cache and compiled decode step (what a deployment runs): per-op dispatch
     # overhead, equal for both models, no longer dilutes the ratio; prefill stays eager
@@ -71,14 +78,24 @@ def main() -> None:
         "wikitext2_test": {"windows": "128 x 512", "dense_ppl": ppl["reference_ppl"], "pruned_ppl": ppl["ppl"],
                            "kl": ppl["kl"], "top1_agreement": ppl["top1_agreement"]},
         "zeroshot": zeroshot, "speed": speed, "speed_compiled_decode": speed_compiled,
-        "disk_bytes": {"dense": dir_size(dense_dir),
-                                                             "bonsai_50": dir_size(pruned_dir)},
+        "also": {name: {"dir": rel(d), "summary": read_record(d)["summary"]} for name, d in also.items()},
+        "disk_bytes": {"dense": dir_size(dense_dir), "bonsai_50": dir_size(pruned_dir),
+                       **{name: dir_size(d) for name, d in also.items()}},
         "goals": {"prefill_speedup>=1.8": speed["ratios"]["bonsai_50"].get("prefill_speedup"),
                   "decode_speedup>=1.6": speed["ratios"]["bonsai_50"].get("decode_speedup"),
                   "decode_speedup>=1.6 (compiled decode)": speed_compiled["ratios"]["bonsai_50"].get(
-                      "decode_speedup")},
+                      "decode_speedup"),
+                  # no decode path can beat streaming the weights: the decode goal's ceiling on this machine
+                  "decode_bound (weight streaming)": speed["ratios"]["bonsai_50"].get("weight_stream_speedup")},
         "report": str(report.relative_to(REPO)) if report.is_relative_to(REPO) else str(report),
     })
+
+
+def _name_and_dir(spec: str) -> tuple[str, Path]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not Path(path).is_dir():
+        raise SystemExit(f"--also needs NAME=DIR with an existing checkpoint directory, got {spec!r}")
+    return name, Path(path)
 
 
 if __name__ == "__main__":

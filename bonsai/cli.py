@@ -23,6 +23,7 @@ KNOB_FLAGS = {  # flag -> (config key, type)
     "--module-share": ("module_share", str),
     "--sample-windows": ("sample_windows", int),
     "--cv-folds": ("cv_folds", int),
+    "--channel-multiple": ("channel_multiple", int),
     "--batch-size": ("eval_batch_size", int),
     "--shard-size": ("shard_size", int),
     "--workers": ("workers", int),

@@ -86,6 +86,8 @@ class PruneConfig:
     module_share: str | None = None
     sample_windows: int | None = None
     cv_folds: int = 5
+    # MLP widths stay multiples of this (bonsai.selection): 8 = the AVX2 fp32 vector width, 64 for GPU tiles
+    channel_multiple: int = 1
     eval_batch_size: int = 8
     shard_size: int = 8
     workers: int = 1
@@ -139,7 +141,7 @@ class PruneConfig:
             raise BonsaiError(
                 f"n_samples must be an even number >= 2 (antithetic pairs), got {self.n_samples}"
             )
-        for name in ("calib_windows", "eval_batch_size", "shard_size", "workers", "cv_folds"):
+        for name in ("calib_windows", "eval_batch_size", "shard_size", "workers", "cv_folds", "channel_multiple"):
             if getattr(self, name) < 1:
                 raise BonsaiError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.scheduler is not None and (not isinstance(self.scheduler, str) or not self.scheduler.strip()):

@@ -10,6 +10,13 @@ Method (batch 1, greedy, the model's own dtype, ``torch.inference_mode``):
   end, so decode throughput = ``(new_tokens - 1) / (t_end - t_first_token)`` counts only cached one-token steps;
   ``generate_tokens_per_s`` (= ``new_tokens`` / whole call, prefill included) and ``time_to_first_token_s``
   are reported too.
+* **weight streaming** (the decode bound): one token's activation multiplied through every linear layer's weight
+  once, in model order (the LM head included), nothing else: the memory traffic a decode step cannot avoid. At
+  batch 1 a decode step reads every weight, so ``weight_stream_tokens_per_s`` is what decode would reach if
+  attention, norms, the KV cache and per-op dispatch cost nothing. Its ratio between two models
+  (``weight_stream_speedup``) is the ceiling of their decode speed-up on this machine: decode time = streaming
+  time + the rest, and any cost the two share (same code, same layer count, a KV cache) pulls the speed-up below
+  the streaming ratio. Each run keeps the best of 3 passes.
 * Each figure is the **median** over ``runs`` timed repetitions after ``warmup`` untimed ones. On CUDA every
   timing is bracketed by ``torch.cuda.synchronize()``.
 * **peak memory**, measured in a separate pass (one prefill, one generate) after the timed runs:
@@ -175,7 +182,11 @@ class _Bench:
         if pad is None:
             pad = eos[0] if isinstance(eos, list | tuple) and eos else eos
         self.pad = 0 if pad is None else int(pad)
+        self.linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        widths = {m.in_features for m in self.linears}
+        self.token_rows = {n: torch.randn(1, n, generator=gen).to(device) for n in widths}
         self.prefill_s: list[float] = []
+        self.stream_s: list[float] = []
         self.decode_s: list[float] = []
         self.generate_s: list[float] = []
         self.ttft_s: list[float] = []
@@ -192,6 +203,14 @@ class _Bench:
         dt = time.perf_counter() - t0
         del out
         return dt
+
+    def weight_stream(self) -> float:
+        self.sync()
+        t0 = time.perf_counter()
+        for lin in self.linears:
+            torch.nn.functional.linear(self.token_rows[lin.in_features], lin.weight)
+        self.sync()
+        return time.perf_counter() - t0
 
     def generate(self) -> tuple[float, float, float]:
         stamps = _Stamps(self.sync)
@@ -268,6 +287,19 @@ def _param_info(model: nn.Module) -> dict[str, Any]:
     return info
 
 
+def _kv_cache_bytes(model: nn.Module, positions: int) -> int | None:
+    """Bytes of keys and values a full-attention KV cache holds after `positions` tokens (what the last decode
+    step reads); None for a model without the family accessors."""
+    from bonsai.architectures import attn_groups, decoder_layers, head_dim
+
+    try:
+        layers, width = decoder_layers(model), head_dim(model.config)
+    except Exception:  # not a supported family
+        return None
+    size = next(model.parameters()).element_size()
+    return sum(2 * attn_groups(layer, model.config) * width * positions * size for layer in layers)
+
+
 def _median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
@@ -329,6 +361,8 @@ def _measure(
             for _ in range(runs):  # interleaved: drifting background load hits every model alike
                 for b in benches.values():
                     b.prefill_s.append(b.prefill())
+                    # best of 3 passes: one pass is ~0.1 s, short enough for one preemption to double it
+                    b.stream_s.append(min(b.weight_stream() for _ in range(3)))
             for _ in range(runs):
                 for b in benches.values():
                     total, ttft, decode = b.generate()
@@ -340,6 +374,7 @@ def _measure(
         for name, b in benches.items():
             results[name] = {
                 **_param_info(b.model),
+                "kv_cache_bytes": _kv_cache_bytes(b.model, prompt_len + new_tokens),
                 "device": str(dev),
                 "torch_threads": torch.get_num_threads(),
                 "prompt_len": prompt_len,
@@ -350,8 +385,10 @@ def _measure(
                 "prefill_tokens_per_s": _rate(prompt_len, _median(b.prefill_s)),
                 "decode_tokens_per_s": _rate(new_tokens - 1, _median(b.decode_s)),
                 "generate_tokens_per_s": _rate(new_tokens, _median(b.generate_s)),
+                "weight_stream_tokens_per_s": _rate(1, _median(b.stream_s)),
                 "time_to_first_token_s": _median(b.ttft_s),
                 "prefill_s": b.prefill_s,
+                "weight_stream_s": b.stream_s,
                 "decode_s": b.decode_s,
                 "generate_s": b.generate_s,
                 **mem.get(name, {}),
@@ -384,9 +421,12 @@ def measure_speed(
     many times slower, so pass 1 there). ``compile_decode``: time generate() with a static cache and the decode
     step compiled (warm-up runs absorb the compilation, so keep ``warmup`` >= 1).
 
-    Returns ``params``, ``non_embedding_params``, ``model_bytes``, ``dtype``, ``device``, ``torch_threads``, the
+    Returns ``params``, ``non_embedding_params``, ``model_bytes``, ``kv_cache_bytes`` (keys and values of every
+    layer after prompt + new tokens, as if every layer attended to all of them), ``dtype``, ``device``,
+    ``torch_threads``, the
     settings, ``prefill_tokens_per_s``, ``decode_tokens_per_s``, ``generate_tokens_per_s``,
-    ``time_to_first_token_s`` (medians), the raw per-run seconds ``prefill_s`` / ``decode_s`` / ``generate_s``
+    ``time_to_first_token_s``, ``weight_stream_tokens_per_s`` (medians), the raw per-run seconds ``prefill_s`` /
+    ``decode_s`` / ``generate_s`` / ``weight_stream_s``
     and, with ``memory``, ``peak_memory_bytes`` / ``peak_memory_delta_bytes`` (max over the two phases, each
     also reported as ``prefill_*`` / ``decode_*``) and ``memory_method``.
     """
@@ -408,9 +448,11 @@ _RATIO_KEYS = {
     "prefill_speedup": "prefill_tokens_per_s",
     "decode_speedup": "decode_tokens_per_s",
     "generate_speedup": "generate_tokens_per_s",
+    "weight_stream_speedup": "weight_stream_tokens_per_s",
     "params_ratio": "params",
     "non_embedding_params_ratio": "non_embedding_params",
     "model_bytes_ratio": "model_bytes",
+    "kv_cache_ratio": "kv_cache_bytes",
     "peak_memory_delta_ratio": "peak_memory_delta_bytes",
 }
 

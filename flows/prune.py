@@ -106,9 +106,10 @@ def prune_flow(config: PruneConfig, out: str, work_dir: str | None = None, overw
         if n0 is None:
             n0, calib_nll_before = prior_ref["non_embedding_params"], prior_ref["dense_nll"]
             total_before = prior_ref["total_params"]
-            # stop once within 0.1 pt of the target (or half the cheapest unit, if that is coarser): a further
-            # round of sub-model evaluations to move a few channels is not worth its forward passes
-            tol = max(prior_ref["min_unit_cost"] / 2, 0.001 * n0)
+            # stop once within 0.1 pt of the target (or half the cheapest unit, if that is coarser; with a channel
+            # multiple the MLP goes in blocks of that many channels): a further round of sub-model evaluations to
+            # move a few channels is not worth its forward passes
+            tol = max(prior_ref["min_unit_cost"] * cfg.channel_multiple / 2, 0.001 * n0)
             check_reachable(prior_ref["removable_params"], 0, n0, cfg.sparsity)
         budget = round_budget(n0, removed, cfg.sparsity, cfg.p_iter, r)
         masks_ref = sample_task(prior_ref, p_round, cfg.n_samples, seed_r, round_dir, cfg.module_share)
@@ -134,7 +135,9 @@ def prune_flow(config: PruneConfig, out: str, work_dir: str | None = None, overw
             prior_ref, masks_ref, shard_refs, cfg.regression, cfg.cv_folds, seed_r, round_dir
         )
         record = {**base_record, "round": r, "rounds": rounds}
-        new_ckpt = shrink_task(ckpt, importance_ref, budget, windows, cfg.eval_batch_size, round_dir, record)
+        new_ckpt = shrink_task(
+            ckpt, importance_ref, budget, windows, cfg.eval_batch_size, round_dir, record, cfg.channel_multiple
+        )
         summary = new_ckpt["round_summary"]
         if summary["non_embedding_params"] >= prior_ref["non_embedding_params"]:
             raise BonsaiError(f"round {r} removed nothing (budget {budget:,} parameters); lower p_iter or the target")

@@ -248,8 +248,10 @@ def shrink_task(
     batch_size: int,
     round_dir: str,
     record: dict,
+    channel_multiple: int = 1,
 ) -> dict:
-    """Steps 6-7: remove the lowest-β candidates up to the parameter budget and slice the weights."""
+    """Steps 6-7: remove the lowest-β candidates up to the parameter budget (MLP channels in blocks that keep
+    every width a multiple of `channel_multiple`) and slice the weights."""
     path = Path(round_dir) / f"checkpoint-{budget}"
     sha = _reuse(path, "round checkpoint")
     if sha is None:
@@ -260,7 +262,7 @@ def shrink_task(
         ):
             raise RuntimeError(f"unit table {importance_ref['path']} does not match checkpoint {ckpt['path']}")
         beta = units["beta"].fillna(np.inf).to_numpy()
-        remove = select_removals(units, beta, units["candidate"].to_numpy(), budget)
+        remove = select_removals(units, beta, units["candidate"].to_numpy(), budget, channel_multiple)
         new_kept = shrink_model(model, units, remove, kept)
         calib_nll = float(
             window_nll(

@@ -220,6 +220,31 @@ def test_selection_is_cost_aware_and_lands_near_budget():
         assert beta[mlp][chosen].max() <= beta[mlp][~chosen].min() or remove[units.kind == ATTN].any()
 
 
+@pytest.mark.parametrize("multiple", [4, 8, 16])
+def test_channel_multiple_keeps_mlp_widths_aligned(multiple):
+    """Removal in blocks: every MLP keeps a multiple of `multiple` channels (40 = 5 x 8, so with 16 the first
+    block of a full module is 40 mod 16 = 8), lowest-beta channels go first, and the round still lands within
+    half a block of its budget."""
+    model = tiny_model("llama")
+    units = unit_table(model)
+    beta = np.random.default_rng(1).random(len(units))
+    cand = np.ones(len(units), dtype=bool)
+    budget = round_budget(non_embedding_params(model), 0, target_sparsity=0.4, p_iter=0.4, round_index=0)
+    remove = select_removals(units, beta, cand, budget, channel_multiple=multiple)
+    block_cost = multiple * int(units[units.kind == MLP].cost.min())
+    assert abs(_expected_drop(units, remove) - budget) <= block_cost / 2 + 1
+    shrink_model(model, units, remove, full_kept(model))
+    widths = [layer.mlp.gate_proj.out_features if hasattr(layer.mlp, "gate_proj") else 0 for layer in
+              model.model.layers]
+    assert all(w % multiple == 0 for w in widths), widths
+    assert sum(40 - w for w in widths) > 0
+    for layer in range(2):  # within a module, what goes has lower beta than what stays
+        rows = units[(units.layer == layer) & (units.kind == MLP)]
+        gone = remove[rows.unit]
+        if gone.any() and (~gone).any():
+            assert beta[rows.unit][gone].max() <= beta[rows.unit][~gone].min()
+
+
 def test_unreachable_target_is_refused():
     with pytest.raises(BonsaiError, match="cannot be reached without removing every unit"):
         check_reachable(removable=900, removed_so_far=0, original_non_embedding=1000, target_sparsity=0.95)

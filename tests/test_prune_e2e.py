@@ -224,3 +224,16 @@ def test_flow_publishes_round_and_summary_artifacts(pruned):
     assert set(found) == set(keys)
     assert "| sparsity | calibration ppl |" in found["bonsai-round-0"].data
     assert "calib_ppl_after" in found["bonsai-summary"].data
+
+
+def test_channel_multiple_keeps_every_mlp_width_aligned(stories_dir, tmp_path, capsys):
+    out = tmp_path / "aligned"
+    _prune(stories_dir, out, "--channel-multiple", "8")  # 172 = 21 x 8 + 4
+    record = read_record(out)
+    assert record["config"]["channel_multiple"] == 8
+    assert abs(record["summary"]["sparsity"] - 0.5) <= 0.005
+    widths = [s["mlp_channels"] for s in json.loads((out / "config.json").read_text())["bonsai_layers"]]
+    assert all(w % 8 == 0 for w in widths) and sum(widths) < 5 * 172, widths
+    _fails(["prune", "--model", str(stories_dir), "--channel-multiple", "0", "--out", str(tmp_path / "o")], capsys,
+           "channel_multiple must be >= 1")
+    assert not (tmp_path / "o").exists()

@@ -13,7 +13,7 @@ from bonsai.architectures import layer_shapes, non_embedding_params, total_param
 from bonsai.errors import BonsaiError
 from bonsai.report import original_shapes_from_config, write_report
 from bonsai.shrink import shrink_model
-from bonsai.speed import compare_speed, dir_size, measure_speed
+from bonsai.speed import _Bench, compare_speed, dir_size, measure_speed
 from bonsai.units import ATTN, full_kept, unit_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -37,6 +37,9 @@ def test_measure_speed_reports_positive_throughputs_and_memory():
     assert len(r["prefill_s"]) == len(r["decode_s"]) == 2 and min(r["decode_s"]) > 0
     assert r["prefill_tokens_per_s"] == pytest.approx(16 / np.median(r["prefill_s"]))
     assert r["decode_tokens_per_s"] == pytest.approx(5 / np.median(r["decode_s"]))
+    assert len(r["weight_stream_s"]) == 2
+    assert r["kv_cache_bytes"] == 2 * 2 * 2 * 8 * (16 + 6) * 4  # layers x KV heads x (k, v) x head_dim x tokens
+    assert r["weight_stream_tokens_per_s"] == pytest.approx(1 / np.median(r["weight_stream_s"]))
     assert r["peak_memory_bytes"] > 0 and r["peak_memory_bytes"] >= r["peak_memory_delta_bytes"] >= 0
     assert r["model_bytes"] == sum(p.numel() * 4 for p in model.parameters()) + sum(
         b.numel() * b.element_size() for b in model.buffers())
@@ -61,8 +64,21 @@ def test_compare_speed_ratios_against_the_first_model(tmp_path):
     assert rp["disk_ratio"] == pytest.approx(1000 / 1234)
     assert rp["decode_speedup"] == pytest.approx(
         res["models"]["pruned"]["decode_tokens_per_s"] / res["models"]["dense"]["decode_tokens_per_s"])
+    assert rp["weight_stream_speedup"] == pytest.approx(
+        res["models"]["pruned"]["weight_stream_tokens_per_s"] / res["models"]["dense"]["weight_stream_tokens_per_s"])
     with pytest.raises(BonsaiError):
         measure_speed(dense, prompt_len=0)
+
+
+def test_weight_stream_reads_every_linear_once_lm_head_included():
+    pruned, _ = _pruned()
+    bench = _Bench(pruned, torch.device("cpu"), prompt_len=4, new_tokens=2, seed=0, compile_decode=False)
+    linears = [m for m in pruned.modules() if isinstance(m, torch.nn.Linear)]
+    assert bench.linears == linears and pruned.lm_head in bench.linears
+    # the pass reads the pruned weights, not the shapes the model started from
+    assert sum(m.weight.numel() for m in bench.linears) < sum(
+        m.weight.numel() for m in tiny_model("llama").modules() if isinstance(m, torch.nn.Linear))
+    assert bench.weight_stream() > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
