@@ -52,6 +52,12 @@ def main() -> None:
                             rel(WIKI_TEST_RAW), "--windows", "128", "--seq-len", "512", "--json", str(metrics_json)),
                  work / "eval_with_reference.log")
     ppl = json.loads(metrics_json.read_text())
+    also_ppl = {}
+    for name, d in also.items():  # same windows, no reference pass: what each extra checkpoint loses
+        also_json = work / f"eval_{name}.json"
+        run_measured(bonsai_cmd("eval", "--model", rel(d), "--data", rel(WIKI_TEST_RAW), "--windows", "128",
+                                "--seq-len", "512", "--json", str(also_json)), work / f"eval_{name}.log")
+        also_ppl[name] = json.loads(also_json.read_text())["ppl"]
 
     dense, dense_tok, _ = load_for_pruning(dense_dir)
     pruned, pruned_tok, _ = load_for_pruning(pruned_dir)
@@ -70,15 +76,16 @@ def main() -> None:
                                    runs=args.speed_runs, warmup=1, memory=False, compile_decode=True)
     print(json.dumps(speed_compiled["ratios"], indent=1), flush=True)
     report = write_report(Path(args.report_dir), record=record, eval_metrics=ppl, zeroshot=zeroshot, speed=speed,
-                          title="SmolLM2-135M: dense vs Bonsai 50% (fast preset)",
+                          title=f"SmolLM2-135M: dense vs Bonsai 50% ({_knobs(record['config'])})",
                           original_shapes=original_shapes_from_config(dense.config))
     write_result(Path(args.out), {
         **started, "model": args.model, "pruned": str(pruned_dir.relative_to(REPO)) if pruned_dir.is_relative_to(
-            REPO) else str(pruned_dir), "pruned_summary": record["summary"],
+            REPO) else str(pruned_dir), "pruned_summary": record["summary"], "pruned_config": record["config"],
         "wikitext2_test": {"windows": "128 x 512", "dense_ppl": ppl["reference_ppl"], "pruned_ppl": ppl["ppl"],
                            "kl": ppl["kl"], "top1_agreement": ppl["top1_agreement"]},
         "zeroshot": zeroshot, "speed": speed, "speed_compiled_decode": speed_compiled,
-        "also": {name: {"dir": rel(d), "summary": read_record(d)["summary"]} for name, d in also.items()},
+        "also": {name: {"dir": rel(d), "wikitext2_test_ppl": also_ppl[name], "config": read_record(d)["config"],
+                        "summary": read_record(d)["summary"]} for name, d in also.items()},
         "disk_bytes": {"dense": dir_size(dense_dir), "bonsai_50": dir_size(pruned_dir),
                        **{name: dir_size(d) for name, d in also.items()}},
         "goals": {"prefill_speedup>=1.8": speed["ratios"]["bonsai_50"].get("prefill_speedup"),
@@ -86,9 +93,23 @@ def main() -> None:
                   "decode_speedup>=1.6 (compiled decode)": speed_compiled["ratios"]["bonsai_50"].get(
                       "decode_speedup"),
                   # no decode path can beat streaming the weights: the decode goal's ceiling on this machine
-                  "decode_bound (weight streaming)": speed["ratios"]["bonsai_50"].get("weight_stream_speedup")},
+                  "decode_bound (weight streaming)": speed["ratios"]["bonsai_50"].get("weight_stream_speedup"),
+                  # bytes a decode step must read (all weights + the KV cache at the last step): the ceiling of a
+                  # memory-bound decode's speed-up, exact from the shapes
+                  "decode_bytes_ratio (weights + KV cache)": _decode_bytes(speed, "dense") / _decode_bytes(
+                      speed, "bonsai_50")},
         "report": str(report.relative_to(REPO)) if report.is_relative_to(REPO) else str(report),
     })
+
+
+def _decode_bytes(speed: dict, name: str) -> int:
+    m = speed["models"][name]
+    return m["model_bytes"] + m["kv_cache_bytes"]
+
+
+def _knobs(config: dict) -> str:
+    multiple = config.get("channel_multiple", 1)
+    return f"{config['preset']} preset" + (f", MLP widths multiples of {multiple}" if multiple > 1 else "")
 
 
 def _name_and_dir(spec: str) -> tuple[str, Path]:
