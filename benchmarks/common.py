@@ -41,6 +41,17 @@ def bonsai_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "bonsai.cli", *args]
 
 
+def _cpu_model() -> str:
+    """The processor's name: float results (and so a prune's path) can differ between CPU models."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def provenance() -> dict:
     """Call at the start of a benchmark: the commit whose code the run uses."""
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
@@ -51,7 +62,8 @@ def provenance() -> dict:
     return {
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "git_commit": commit, "git_dirty": dirty, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {"platform": platform.platform(), "cpu": _cpu_model(), "cpus": os.cpu_count(),
+                    "python": platform.python_version()},
     }
 
 

@@ -62,6 +62,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                                    _prior_scaled(24, 8, 4, "--seed", "1")),
     "prior_scaled_32x4of8_seed1": ("prior_scaled_32x4of8 with seed 1 (other calibration windows and masks)",
                                    _prior_scaled(32, 8, 4, "--seed", "1")),
+    # the fast preset with hardware-aligned MLP widths (bonsai.selection): what the faster shapes cost in quality
+    "prior_scaled_24x4of8_m8": ("prior_scaled_24x4of8, MLP channels removed in blocks of 8 (widths multiples of 8)",
+                                _prior_scaled(24, 8, 4, "--channel-multiple", "8")),
+    "prior_scaled_24x4of8_m8_seed1": ("prior_scaled_24x4of8_m8 with seed 1",
+                                      _prior_scaled(24, 8, 4, "--channel-multiple", "8", "--seed", "1")),
 }
 
 
