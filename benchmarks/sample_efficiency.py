@@ -74,7 +74,8 @@ def _config_of(flags: list[str], model: str, sparsity: float) -> dict:
     """The resolved prune config those flags give (what a finished run's record must match to be reused)."""
     args = build_parser().parse_args(["prune", "--out", "unused", "--model", model, "--sparsity", str(sparsity),
                                       "--calib", rel(WIKI_VALID), *flags])
-    overrides = {"model": args.model, "sparsity": args.sparsity, "preset": args.preset, "calib": args.calib}
+    overrides = {"model": args.model, "sparsity": args.sparsity, "preset": args.preset, "calib": args.calib,
+                 "seed": args.seed}  # not a knob flag: without it a seed variant never matched its finished run
     overrides.update({key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _) in KNOB_FLAGS.items()})
     return resolve_config(overrides).to_dict()
 

@@ -283,5 +283,7 @@ def test_masked_equals_sliced_on_real_stories260k(stories_dir):
     before = total_params(model)
     shrink_model(model, units, ~keep, kept)
     with torch.no_grad():
-        assert (masked - model(ids).logits).abs().max().item() <= 1e-5
+        # fp32 sums with and without the masked zeros round differently, by an amount that depends on the CPU's
+        # BLAS kernels (1.9e-5 on logits of this size on an AMD EPYC); a wrong slice is off by far more
+        torch.testing.assert_close(masked, model(ids).logits, rtol=1e-5, atol=5e-5)
     assert before - total_params(model) == _expected_drop(units, ~keep)
