@@ -52,8 +52,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # CPU-friendly defaults: fewer, shorter windows and sub-models, larger rounds, and the prior-scaled regression
     # (a few dozen coefficients, so 24 sub-models scored on half the windows determine them; the prior reads all
-    # 8). At 50% on SmolLM2-135M: 0.14x the forward tokens of the paper's estimator at the same windows, held-out
-    # ppl 311 / 704 (seeds 0 / 1) against its 1753 (benchmarks/results/sample_efficiency.json).
+    # 8). At 50% on SmolLM2-135M: 0.14x the forward tokens of the paper's estimator at the same windows; held-out
+    # ppl depends strongly on the seed (benchmarks/results/sample_efficiency.json).
     "fast": {
         "prior": "wanda",
         "p_iter": 0.1,
