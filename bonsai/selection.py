@@ -48,13 +48,12 @@ def check_reachable(removable: int, removed_so_far: int, original_non_embedding:
 
 
 def _removal_blocks(
-    units: pd.DataFrame, beta: np.ndarray, cand_ids: np.ndarray, channel_multiple: int
+    units: pd.DataFrame, kinds: np.ndarray, beta: np.ndarray, cand_ids: np.ndarray, channel_multiple: int
 ) -> list[tuple[float, int, np.ndarray]]:
     """(key β, tie id, member units) per block, in removal order. An attention group is a block of its own; with
     `channel_multiple` m > 1 a module's MLP candidates, lowest β first, form blocks of m (the first one of
     n mod m when the module's width n is not a multiple of m), keyed by their mean β; a candidate tail too short
     for a whole block stays."""
-    kinds = units["kind"].to_numpy()
     blocks = []
     mlp_ids = cand_ids[kinds[cand_ids] == MLP] if channel_multiple > 1 else cand_ids[:0]
     blocks.extend((float(beta[u]), int(u), np.array([u])) for u in np.setdiff1d(cand_ids, mlp_ids))
@@ -88,15 +87,15 @@ def select_removals(
     cand_ids = np.flatnonzero(candidates)
     if budget <= 0 or len(cand_ids) == 0:
         return remove
-    blocks = _removal_blocks(units, beta, cand_ids, channel_multiple)
-    module_key = list(zip(units["layer"].to_numpy(), units["kind"].to_numpy(), strict=True))
+    kinds = units["kind"].to_numpy()
+    blocks = _removal_blocks(units, kinds, beta, cand_ids, channel_multiple)
+    if not blocks:
+        return remove
+    module_key = list(zip(units["layer"].to_numpy(), kinds, strict=True))
     left_in_module: dict = {}
     for key in module_key:
         left_in_module[key] = left_in_module.get(key, 0) + 1
     costs, residuals = units["cost"].to_numpy(), units["residual"].to_numpy()
-    if not blocks:
-        return remove
-    kinds = units["kind"].to_numpy()
     # half the cheapest whole block (a module's first block may be shorter and is not the yardstick)
     slack = min(
         int(costs[m[0]]) * channel_multiple if kinds[m[0]] == MLP else int(costs[m].sum()) for _, _, m in blocks
@@ -105,12 +104,12 @@ def select_removals(
     removed = 0
     for _, _, members in blocks:
         key = module_key[members[0]]
-        if channel_multiple > 1 and key in skipped:
+        if key in skipped:
             continue
         empties = left_in_module[key] == len(members)
         gain = int(costs[members].sum()) + (int(residuals[members[0]]) if empties else 0)
         if removed + gain > budget + slack:
-            if key[1] == MLP:
+            if channel_multiple > 1 and key[1] == MLP:
                 skipped.add(key)
             continue
         remove[members] = True
