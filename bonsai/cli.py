@@ -22,6 +22,8 @@ KNOB_FLAGS = {  # flag -> (config key, type)
     "--regression": ("regression", str),
     "--module-share": ("module_share", str),
     "--sample-windows": ("sample_windows", int),
+    "--compensation": ("compensation", str),
+    "--refit-damping": ("refit_damping", float),
     "--cv-folds": ("cv_folds", int),
     "--channel-multiple": ("channel_multiple", int),
     "--batch-size": ("eval_batch_size", int),
@@ -77,6 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--sparsity", type=float, default=None, help="share of non-embedding parameters to remove")
     pr.add_argument("--out", required=True, help="output directory of the pruned checkpoint")
     pr.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    pr.add_argument(
+        "--heldout-windows",
+        type=int,
+        default=16,
+        help="after pruning, compare dense and pruned perplexity on this many held-out windows (0 skips)",
+    )
+    pr.add_argument("--heldout-seq-len", type=int, default=256, help="tokens per held-out window (default 256)")
+    pr.add_argument(
+        "--heldout-data",
+        default="self",
+        help="held-out text: self (sampled from the dense model with the evaluation seed) or a text file",
+    )
     pr.add_argument(
         "--calib", default=None, help="self (default), a .txt/.jsonl/.parquet file, or hf:NAME[:CFG][@SPLIT]"
     )
@@ -181,6 +195,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     }
     overrides.update({key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _) in KNOB_FLAGS.items()})
     cfg = resolve_config(overrides, args.config)
+    for flag, value, least in (
+        ("--heldout-windows", args.heldout_windows, 0),
+        ("--heldout-seq-len", args.heldout_seq_len, 2),
+    ):
+        if value < least:
+            raise BonsaiError(f"{flag} must be >= {least}, got {value}")
     work = Path(args.work_dir or f"{args.out}.work")
     if work.exists() and any(work.iterdir()) and not args.resume:
         raise BonsaiError(f"work directory {work} holds an earlier run; pass --resume to continue it, or remove it")
@@ -195,7 +215,32 @@ def cmd_prune(args: argparse.Namespace) -> int:
             shutil.rmtree(work)
         raise
     _print_summary(summary)
+    if args.heldout_windows:
+        from flows.evaluation import heldout_report_flow
+
+        report = heldout_report_flow(
+            args.out,
+            cfg.model,
+            data=args.heldout_data,
+            n_windows=args.heldout_windows,
+            seq_len=args.heldout_seq_len,
+            seed=cfg.seed,
+            batch_size=cfg.eval_batch_size,
+        )
+        _print_heldout(report)
     return 0
+
+
+def _print_heldout(r: dict) -> None:
+    where = "self-generated text, held out from calibration" if r["data"] == "self" else r["data"]
+    print(
+        f"  held-out perplexity:        {r['dense_ppl']:.3f} -> {r['pruned_ppl']:.3f}"
+        f"  ({r['n_windows']} windows x {r['seq_len']} tokens of {where}; KL to dense {r['kl']:.4f}, "
+        f"top-1 agreement {r['top1_agreement']:.3f})\n"
+        f"  greedy continuation of {r['prompt']!r}:\n"
+        f"    dense:  {r['dense_continuation']!r}\n"
+        f"    pruned: {r['pruned_continuation']!r}"
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -14,11 +14,21 @@ from typing import Any
 from bonsai.errors import BonsaiError
 
 PRIORS = ("wanda", "fluctuation", "magnitude", "random")
-UTILITIES = ("ppl", "loss")
+# A sub-model's utility: -perplexity (the paper), -mean NLL, or -KL(dense || sub-model) of the next-token
+# distributions (the round's unpruned model as the reference, computed once per shard; lower variance: it
+# compares whole distributions at every position, not one sampled token).
+UTILITIES = ("ppl", "loss", "kl")
 REGRESSIONS = ("lasso_cv", "ridge", "prior_scaled")
 # How much of a module a sub-model drops: about p of every module (the paper), or a share drawn per pair and module
 # (uniform over 0..all of its candidates), which spreads the module totals and so identifies per-module value.
 MODULE_SHARES = ("fixed", "uniform")
+# What the kept o_proj / down_proj columns do after a removal (bonsai.compensation): nothing, FLAP's mean-bias
+# update, or a least-squares refit from the calibration inputs' second moments.
+COMPENSATIONS = ("none", "bias", "refit")
+# Methods that remove whole units and so can compensate, with their published compensation (Bonsai's comes from
+# its preset); a run that names no compensation gets this one.
+COMPENSATED_METHODS = ("bonsai", "flap", "wanda_sp", "llm_pruner", "magnitude", "random")
+PUBLISHED_COMPENSATION = {"flap": "bias"}
 # `bonsai` is the iterative loop of flows/prune.py; the others are one-shot baselines (bonsai/methods/).
 METHODS = (
     "bonsai",
@@ -34,6 +44,8 @@ METHODS = (
 )
 # Knobs only the one-shot methods read (kept out of the Bonsai loop's artifact keys).
 METHOD_KNOBS = ("method", "mosaic_outlier_m", "mosaic_lambda", "structural_share")
+# Knobs both the loop and the one-shot methods read.
+SHARED_METHOD_KNOBS = ("compensation", "refit_damping")
 
 # Knobs a preset fixes; everything else (model, sparsity, data, seed, paths) is per run.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -49,6 +61,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "regression": "lasso_cv",
         "module_share": "fixed",
         "sample_windows": 0,
+        "compensation": "none",
     },
     # CPU-friendly defaults: fewer, shorter windows and sub-models, larger rounds, and the prior-scaled regression
     # (a few dozen coefficients, so 24 sub-models scored on half the windows determine them; the prior reads all
@@ -64,6 +77,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "regression": "prior_scaled",
         "module_share": "fixed",
         "sample_windows": 4,
+        "compensation": "refit",
     },
 }
 
@@ -85,6 +99,9 @@ class PruneConfig:
     regression: str | None = None
     module_share: str | None = None
     sample_windows: int | None = None
+    compensation: str | None = None
+    # refit: ridge λ = refit_damping × the mean diagonal of the kept inputs' second moments (bonsai.compensation)
+    refit_damping: float = 0.01
     cv_folds: int = 5
     # MLP widths stay multiples of this (bonsai.selection): 8 = the AVX2 fp32 vector width, 64 for GPU tiles
     channel_multiple: int = 1
@@ -103,6 +120,8 @@ class PruneConfig:
         if self.preset not in PRESETS:
             raise BonsaiError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         unset = {k: v for k, v in PRESETS[self.preset].items() if getattr(self, k) is None}
+        if self.method != "bonsai" and self.compensation is None:  # a one-shot method as published
+            unset["compensation"] = PUBLISHED_COMPENSATION.get(self.method, "none")
         # the preset scores sub-models on its first k windows; a run given no more windows than that scores on all
         calib_windows, k = unset.get("calib_windows", self.calib_windows), unset.get("sample_windows", 0)
         if k and isinstance(calib_windows, int) and k >= calib_windows:
@@ -133,6 +152,17 @@ class PruneConfig:
             raise BonsaiError(
                 f"unknown module_share {self.module_share!r}; choose one of {', '.join(MODULE_SHARES)}"
             )
+        if self.compensation not in COMPENSATIONS:
+            raise BonsaiError(
+                f"unknown compensation {self.compensation!r}; choose one of {', '.join(COMPENSATIONS)}"
+            )
+        if self.compensation != "none" and self.method not in COMPENSATED_METHODS:
+            raise BonsaiError(
+                f"method {self.method} takes no compensation (it applies to {', '.join(COMPENSATED_METHODS)}); "
+                f"use --compensation none"
+            )
+        if not self.refit_damping > 0:
+            raise BonsaiError(f"refit_damping must be > 0, got {self.refit_damping}")
         if not 0.0 < self.p_iter < 0.5:
             raise BonsaiError(
                 f"p_iter must be in (0, 0.5) so that candidates (2·p_iter) fit, got {self.p_iter}"

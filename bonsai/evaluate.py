@@ -23,6 +23,9 @@ from bonsai.memory import release_free_memory
 __all__ = [
     "compare_to_reference",
     "evaluation_summary",
+    "greedy_continuation",
+    "kl_to_reference",
+    "reference_log_probs",
     "mean_nll",
     "perplexity",
     "window_nll",
@@ -234,3 +237,64 @@ def evaluation_summary(
         out.update(kl=cmp["kl"], top1_agreement=cmp["top1_agreement"], reference_ppl=cmp["reference_ppl"])
     out["per_window"] = (s["nll_sum"] / (s["seq_len"] - 1)).tolist()
     return out
+
+
+def greedy_continuation(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 32) -> str:
+    """The model's greedy continuation of `prompt` (the text after it only), decoded; deterministic, so a dense
+    and a pruned model can be read side by side."""
+    if max_new_tokens < 1:
+        raise BonsaiError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(_device(model))
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def reference_log_probs(model: torch.nn.Module, windows: Any, batch_size: int = 8) -> torch.Tensor:
+    """Next-token log-probabilities of ``model`` at positions ``0 .. seq_len-2`` of every window, stored as
+    bfloat16 (n_windows, seq_len-1, vocab) on the CPU: the dense model's distributions that sub-models are
+    compared with (`kl_to_reference`). The rounding is the same for every sub-model compared, so it shifts
+    their KLs alike and leaves their order."""
+    ids = _as_windows(windows)
+    _check_vocab(model, ids)
+    out = []
+    with torch.inference_mode(), _eval_mode(model):
+        for start in range(0, ids.shape[0], _check_batch_size(batch_size)):
+            logits = _logits(model, ids[start : start + batch_size])
+            out.extend(F.log_softmax(row[:-1].float(), dim=-1).to(torch.bfloat16).cpu()[None] for row in logits)
+            del logits
+    return torch.cat(out)
+
+
+def kl_to_reference(
+    model: torch.nn.Module, windows: Any, ref_log_probs: torch.Tensor, batch_size: int = 8
+) -> tuple[float, float]:
+    """(mean KL(reference || model) over predicted positions, mean next-token NLL) of ``model`` on ``windows``,
+    against log-probabilities from `reference_log_probs` on the same windows."""
+    ids = _as_windows(windows)
+    batch_size = _check_batch_size(batch_size)
+    if tuple(ref_log_probs.shape[:2]) != (ids.shape[0], ids.shape[1] - 1):
+        raise BonsaiError(
+            f"reference log-probabilities of shape {tuple(ref_log_probs.shape)} do not match windows {tuple(ids.shape)}"
+        )
+    kl_sum = nll_sum = 0.0
+    with torch.inference_mode(), _eval_mode(model):
+        for start in range(0, ids.shape[0], batch_size):
+            batch = ids[start : start + batch_size]
+            logits = _logits(model, batch)
+            for i in range(batch.shape[0]):  # one window's log-softmax at a time, as in _score
+                lp = F.log_softmax(logits[i, :-1].float(), dim=-1).cpu()
+                rlp = ref_log_probs[start + i].float()
+                kl_sum += float((rlp.exp() * (rlp - lp)).sum(-1).double().sum())
+                nll_sum -= float(lp.gather(-1, batch[i, 1:, None]).double().sum())
+                del lp, rlp
+            del logits
+    release_free_memory()
+    tokens = ids.shape[0] * (ids.shape[1] - 1)
+    return max(kl_sum / tokens, 0.0), nll_sum / tokens

@@ -7,7 +7,7 @@ from prefect import flow
 from bonsai.sources import cache_root
 from flows.calibration import calibration_flow
 from tasks.data_tasks import materialize_model_task, record_source
-from tasks.eval_tasks import evaluate_task, write_metrics, zeroshot_task
+from tasks.eval_tasks import continuation_task, evaluate_task, write_metrics, zeroshot_task
 
 
 @flow(name="bonsai-evaluate")
@@ -43,3 +43,38 @@ def evaluation_flow(
     if json_path:
         write_metrics(json_path, metrics)
     return metrics
+
+
+GENERATION_PROMPT = "Once upon a time,"
+
+
+@flow(name="bonsai-heldout-report")
+def heldout_report_flow(
+    pruned: str,
+    dense: str,
+    data: str = "self",
+    n_windows: int = 16,
+    seq_len: int = 256,
+    seed: int = 0,
+    batch_size: int = 8,
+    prompt: str = GENERATION_PROMPT,
+    max_new_tokens: int = 32,
+) -> dict:
+    """What a prune cost on text it never saw: perplexity of the dense and the pruned model on the same held-out
+    windows (self-generated with the evaluation seed unless `data` names text), KL / top-1 agreement of the pruned
+    model to the dense one, and both models' greedy continuation of `prompt`."""
+    metrics = evaluation_flow(pruned, data=data, n_windows=n_windows, seq_len=seq_len, seed=seed, reference=dense,
+                              batch_size=batch_size)
+    dense_ref, pruned_ref = materialize_model_task(dense), materialize_model_task(pruned)
+    return {
+        "data": data,
+        "n_windows": metrics["n_windows"],
+        "seq_len": metrics["seq_len"],
+        "dense_ppl": metrics["reference_ppl"],
+        "pruned_ppl": metrics["ppl"],
+        "kl": metrics["kl"],
+        "top1_agreement": metrics["top1_agreement"],
+        "prompt": prompt,
+        "dense_continuation": continuation_task(dense_ref, prompt, max_new_tokens),
+        "pruned_continuation": continuation_task(pruned_ref, prompt, max_new_tokens),
+    }

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from bonsai import __version__
 from bonsai.artifacts import content_key
 from bonsai.checkpoint import publish_checkpoint
-from bonsai.config import METHOD_KNOBS, PruneConfig
+from bonsai.config import METHOD_KNOBS, SHARED_METHOD_KNOBS, PruneConfig
 from bonsai.errors import BonsaiError
 from bonsai.selection import check_reachable, round_budget
 from flows.calibration import calibration_flow
@@ -102,9 +102,11 @@ def prune_flow(config: PruneConfig, out: str, work_dir: str | None = None, overw
         )
         round_dir = str(work / f"round_{r:02d}-{content_key(ckpt['sha256'], windows['sha256'], knobs, r, p_round)}")
         seed_r = cfg.seed * 1000 + r
-        prior_ref = prior_task(ckpt, windows, cfg.prior, p_round, cfg.eval_batch_size, seed_r, round_dir)
+        prior_ref = prior_task(
+            ckpt, windows, cfg.prior, p_round, cfg.eval_batch_size, seed_r, round_dir, cfg.sample_windows
+        )
         if n0 is None:
-            n0, calib_nll_before = prior_ref["non_embedding_params"], prior_ref["dense_nll"]
+            n0, calib_nll_before = prior_ref["non_embedding_params"], prior_ref["scored_nll"]
             total_before = prior_ref["total_params"]
             # stop once within 0.1 pt of the target (or half the cheapest unit, if that is coarser; with a channel
             # multiple the MLP goes in blocks of that many channels): a further round of sub-model evaluations to
@@ -136,15 +138,26 @@ def prune_flow(config: PruneConfig, out: str, work_dir: str | None = None, overw
         )
         record = {**base_record, "round": r, "rounds": rounds}
         new_ckpt = shrink_task(
-            ckpt, importance_ref, budget, windows, cfg.eval_batch_size, round_dir, record, cfg.channel_multiple
+            ckpt,
+            importance_ref,
+            budget,
+            windows,
+            cfg.eval_batch_size,
+            round_dir,
+            record,
+            cfg.channel_multiple,
+            cfg.compensation,
+            cfg.refit_damping,
+            cfg.sample_windows,
         )
         summary = new_ckpt["round_summary"]
         if summary["non_embedding_params"] >= prior_ref["non_embedding_params"]:
             raise BonsaiError(f"round {r} removed nothing (budget {budget:,} parameters); lower p_iter or the target")
         ckpt, rounds = new_ckpt, new_ckpt["rounds"]
         removed = n0 - summary["non_embedding_params"]
-        # prior pass + check pass over every calibration window, sub-models over the first `sample_windows`
-        forward_tokens += sum(s["tokens"] for s in shard_refs) + 2 * prior_ref["tokens"]
+        # prior pass over every calibration window, sub-models over the first `sample_windows`, compensation
+        # statistics and the check pass (shrink)
+        forward_tokens += sum(s["tokens"] for s in shard_refs) + prior_ref["tokens"] + summary["tokens"]
         create_markdown_artifact(
             _round_markdown(r, summary, n0), key=f"bonsai-round-{r}", description=f"Bonsai round {r}"
         )
@@ -177,7 +190,9 @@ def prune_flow(config: PruneConfig, out: str, work_dir: str | None = None, overw
 
 
 def _one_shot(cfg, out, work, overwrite, model_ref, windows, base_record, started) -> dict:
-    method_knobs = {k: getattr(cfg, k) for k in (*METHOD_KNOBS, "sparsity", "seed", "eval_batch_size")}
+    method_knobs = {
+        k: getattr(cfg, k) for k in (*METHOD_KNOBS, *SHARED_METHOD_KNOBS, "sparsity", "seed", "eval_batch_size")
+    }
     method_dir = work / f"{cfg.method}-{content_key(model_ref['sha256'], windows['sha256'], method_knobs)}"
     ckpt = one_shot_task(model_ref, windows, cfg.to_dict(), str(method_dir), base_record)
     summary = one_shot_summary(ckpt, cfg.sparsity, cfg.model, out, started)

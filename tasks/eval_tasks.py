@@ -10,7 +10,7 @@ from prefect import task
 from bonsai.artifacts import write_table
 from bonsai.checkpoint import load_for_pruning, write_json_atomic
 from bonsai.data import load_windows
-from bonsai.evaluate import evaluation_summary
+from bonsai.evaluate import evaluation_summary, greedy_continuation
 from bonsai.zeroshot import run_zeroshot
 from tasks.prune_tasks import TASK_OPTS
 
@@ -57,3 +57,10 @@ def zeroshot_task(model: dict, tasks: list[str], data_dir: str | None, limit: in
     return run_zeroshot(
         loaded, tokenizer, tasks, data_dir=Path(data_dir) if data_dir else None, limit=limit, batch_size=batch_size
     )
+
+
+@task(**TASK_OPTS)
+def continuation_task(model: dict, prompt: str, max_new_tokens: int) -> str:
+    """The model's greedy continuation of `prompt`."""
+    loaded, tokenizer, _ = load_for_pruning(model["path"], in_memory=False)
+    return greedy_continuation(loaded, tokenizer, prompt, max_new_tokens)

@@ -16,6 +16,7 @@ from prefect import task
 from bonsai.architectures import non_embedding_params, total_params
 from bonsai.artifacts import record_artifact
 from bonsai.checkpoint import load_for_pruning, read_record, save_pruned
+from bonsai.config import COMPENSATED_METHODS
 from bonsai.errors import BonsaiError
 from bonsai.evaluate import window_nll
 from bonsai.methods import PeakRSS, count_nonzero_non_embedding, run_method
@@ -46,6 +47,12 @@ def one_shot_task(ckpt: dict, windows: dict, config: dict, method_dir: str, reco
                 outlier_m=config["mosaic_outlier_m"],
                 lam=config["mosaic_lambda"],
                 structural_share=config["structural_share"],
+                # only the methods that can compensate get the knob (mosaic & co. validate to "none")
+                **(
+                    {"compensation": config["compensation"], "refit_damping": config["refit_damping"]}
+                    if config["method"] in COMPENSATED_METHODS
+                    else {}
+                ),
             )
         seconds = rss.seconds
         t0 = time.perf_counter()

@@ -23,14 +23,14 @@ from tqdm.auto import tqdm
 from bonsai.architectures import non_embedding_params, total_params
 from bonsai.artifacts import discard, read_table, record_artifact, verified_sha, write_table
 from bonsai.checkpoint import load_for_pruning, read_record, save_pruned
+from bonsai.compensation import compensate_and_shrink
 from bonsai.data import load_windows
-from bonsai.evaluate import mean_nll, window_nll
+from bonsai.evaluate import kl_to_reference, mean_nll, reference_log_probs, window_nll
 from bonsai.masking import SLICE_MIN_DROP, UnitMasker, dropped_share, sliced_submodel
 from bonsai.prior import collect_activation_stats, unit_prior
 from bonsai.regression import estimate_importance
 from bonsai.sampling import candidate_mask, sample_masks
 from bonsai.selection import removable_params, select_removals
-from bonsai.shrink import shrink_model
 from bonsai.units import ATTN, MLP, unit_table
 
 TASK_OPTS = dict(cache_policy=NO_CACHE, persist_result=False)
@@ -88,7 +88,14 @@ def _windows(path: str, sha: str) -> np.ndarray:
 
 @task(**TASK_OPTS)
 def prior_task(
-    ckpt: dict, windows: dict, prior: str, p_iter: float, batch_size: int, seed: int, round_dir: str
+    ckpt: dict,
+    windows: dict,
+    prior: str,
+    p_iter: float,
+    batch_size: int,
+    seed: int,
+    round_dir: str,
+    sample_windows: int = 0,
 ) -> dict:
     """Step 1-2: activation statistics in one dense pass → prior per unit, this round's candidates."""
     path = Path(round_dir) / "prior.parquet"
@@ -97,10 +104,13 @@ def prior_task(
         model, _, kept = _checkpoint(ckpt["path"], ckpt["sha256"])
         units = unit_table(model, kept)
         stats, nll = collect_activation_stats(model, _windows(windows["path"], windows["sha256"]), batch_size)
+        scored = sample_windows or len(nll)
         units["prior"] = unit_prior(model, units, prior, stats=stats, seed=seed)
         units["candidate"] = candidate_mask(units, units["prior"].to_numpy(), p_iter)
         meta = {
             "dense_nll": float(nll.mean()),
+            # the windows sub-models are scored on (and the check pass after the round reads)
+            "scored_nll": float(nll[:scored].mean()),
             "non_embedding_params": non_embedding_params(model),
             "total_params": total_params(model),
             "tokens": int(_windows(windows["path"], windows["sha256"]).size),
@@ -155,17 +165,25 @@ def _submodel_utilities(
     with _MODEL_LOCK:
         model, _, kept = _checkpoint(ckpt["path"], ckpt["sha256"])
         units = unit_table(model, kept)
+        reference = reference_log_probs(model, win, batch_size) if utility == "kl" else None
+
+        def utility_and_nll(m) -> tuple[float, float]:
+            if reference is not None:
+                kl, nll = kl_to_reference(m, win, reference, batch_size)
+                return -kl, nll
+            nll = mean_nll(m, win, batch_size=batch_size, desc=None)
+            return (-float(np.exp(nll)) if utility == "ppl" else -nll), nll
+
         with UnitMasker(model, units) as masker:
             for s in tqdm(range(start, stop), desc=desc, leave=False):
                 t0 = time.perf_counter()
                 if dropped_share(units, keep[s]) >= SLICE_MIN_DROP:  # smaller matmuls repay the slicing copies
                     masker.set(None)
                     with sliced_submodel(model, units, keep[s], kept) as sub:
-                        nll = mean_nll(sub, win, batch_size=batch_size, desc=None)
+                        u, nll = utility_and_nll(sub)
                 else:
                     masker.set(keep[s])
-                    nll = mean_nll(model, win, batch_size=batch_size, desc=None)
-                u = -float(np.exp(nll)) if utility == "ppl" else -nll
+                    u, nll = utility_and_nll(model)
                 rows.append((s, u, nll, time.perf_counter() - t0))
     return rows
 
@@ -196,7 +214,9 @@ def evaluate_shard_task(
         rows = _submodel_utilities(ckpt, win, keep, start, stop, utility, batch_size, desc)
         table = pd.DataFrame(rows, columns=["sample", "utility", "mean_nll", "seconds"])
         table["sample"] = table["sample"].astype(np.int32)
-        sha = write_table(table, path, {"tokens": int(win.size) * (stop - start)})
+        # a KL utility adds one pass of the unpruned model (the reference distributions) per shard
+        passes = stop - start + (utility == "kl")
+        sha = write_table(table, path, {"tokens": int(win.size) * passes})
     tokens = read_table(path)[1]["tokens"]
     return {"path": str(path), "sha256": sha, "shard": shard, "reused": reused, "tokens": tokens}
 
@@ -249,9 +269,13 @@ def shrink_task(
     round_dir: str,
     record: dict,
     channel_multiple: int = 1,
+    compensation: str = "none",
+    refit_damping: float = 0.01,
+    sample_windows: int = 0,
 ) -> dict:
     """Steps 6-7: remove the lowest-β candidates up to the parameter budget (MLP channels in blocks that keep
-    every width a multiple of `channel_multiple`) and slice the weights."""
+    every width a multiple of `channel_multiple`), slice the weights and compensate the kept o_proj / down_proj
+    columns from every calibration window (bonsai.compensation); the check pass reads the scored windows."""
     path = Path(round_dir) / f"checkpoint-{budget}"
     sha = _reuse(path, "round checkpoint")
     if sha is None:
@@ -263,15 +287,12 @@ def shrink_task(
             raise RuntimeError(f"unit table {importance_ref['path']} does not match checkpoint {ckpt['path']}")
         beta = units["beta"].fillna(np.inf).to_numpy()
         remove = select_removals(units, beta, units["candidate"].to_numpy(), budget, channel_multiple)
-        new_kept = shrink_model(model, units, remove, kept)
-        calib_nll = float(
-            window_nll(
-                model,
-                _windows(windows["path"], windows["sha256"]),
-                batch_size,
-                desc="calibration after round",
-            ).mean()
+        win = _windows(windows["path"], windows["sha256"])
+        new_kept, compensation_tokens = compensate_and_shrink(
+            model, units, remove, kept, win, mode=compensation, batch_size=batch_size, damping=refit_damping
         )
+        scored = win[:sample_windows] if sample_windows else win
+        calib_nll = float(window_nll(model, scored, batch_size, desc="calibration after round").mean())
         removed = units[remove].groupby("kind").size().to_dict()
         rounds = [
             *record.get("rounds", []),
@@ -283,6 +304,9 @@ def shrink_task(
                 "calib_nll": calib_nll,
                 "removed_attn_groups": int(removed.get(ATTN, 0)),
                 "removed_mlp_channels": int(removed.get(MLP, 0)),
+                "compensation": compensation,
+                # forward tokens of this step: compensation statistics (layer-weighted) + the check pass
+                "tokens": int(compensation_tokens + scored.size),
             },
         ]
         save_pruned(model, tokenizer, path, {**record, "rounds": rounds, "kept_units": new_kept})

@@ -10,7 +10,15 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bonsai.errors import BonsaiError
-from bonsai.evaluate import compare_to_reference, evaluation_summary, mean_nll, perplexity, window_nll
+from bonsai.evaluate import (
+    compare_to_reference,
+    evaluation_summary,
+    kl_to_reference,
+    mean_nll,
+    perplexity,
+    reference_log_probs,
+    window_nll,
+)
 
 STORY = (
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her "
@@ -274,3 +282,21 @@ def test_bad_windows_raise(tiny, bad):
 def test_bad_batch_size_raises(tiny, tiny_windows, bs):
     with pytest.raises(BonsaiError):
         perplexity(tiny, tiny_windows, batch_size=bs)
+
+
+def test_kl_to_cached_reference_matches_the_two_model_pass():
+    """The KL utility's cached (bfloat16) reference log-probs: the reference itself scores about 0 (the rounding's
+    constant shift), another model the KL of the exact two-model pass plus that shift (to 1%), and the NLL is
+    mean_nll's."""
+    dense, other = _tiny_llama(0), _tiny_llama(1)
+    windows = np.random.default_rng(0).integers(0, dense.config.vocab_size, size=(5, 12))
+    ref = reference_log_probs(dense, windows, batch_size=2)
+    assert ref.shape == (5, 11, dense.config.vocab_size) and ref.dtype == torch.bfloat16
+    kl, nll = kl_to_reference(other, windows, ref, batch_size=3)
+    exact = compare_to_reference(other, dense, windows, batch_size=2)
+    self_kl, _ = kl_to_reference(dense, windows, ref)
+    assert self_kl < 0.02 * kl
+    assert kl - self_kl == pytest.approx(exact["kl"], rel=1e-2) and kl > 0.01
+    assert nll == pytest.approx(mean_nll(other, windows, batch_size=2), abs=1e-9)
+    with pytest.raises(BonsaiError, match="do not match windows"):
+        kl_to_reference(other, windows[:4], ref)

@@ -22,7 +22,7 @@ from bonsai.config import METHODS, resolve_config
 from bonsai.errors import BonsaiError
 from bonsai.methods import ONE_SHOT, count_nonzero_non_embedding, run_method
 from bonsai.methods.common import projections
-from bonsai.methods.flap import apply_compensation, compensation, flap_scores, select
+from bonsai.methods.flap import apply_compensation, compensation_vectors, flap_scores, select
 from bonsai.methods.llm_pruner import llm_pruner, protected_layers
 from bonsai.methods.mosaic import allocate
 from bonsai.methods.sparse24 import mask_2_of_4
@@ -129,7 +129,7 @@ def test_flap_bias_compensation_reduces_output_error(family, tmp_path):
     stats, _ = collect_activation_stats(dense, windows, batch_size=3)
     z = flap_scores(dense, units, stats)
     remove, _ = select(dense, units, z, round(0.3 * n0), n0, 0.3, compensate=True)
-    comp = compensation(dense, units, remove, stats)
+    comp = compensation_vectors(dense, units, remove, stats)
     assert comp  # some module is pruned only partly
     with torch.no_grad():
         reference = dense(ids).logits

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import numpy as np
 from torch import nn
 
-from bonsai.config import METHODS
+from bonsai.config import COMPENSATED_METHODS, METHODS
 from bonsai.methods.baselines import magnitude, random
 from bonsai.methods.common import MethodResult, PeakRSS, count_nonzero_non_embedding
 from bonsai.methods.flap import flap
@@ -60,8 +60,10 @@ def run_method(
     outlier_m: float = 5.0,
     lam: float = 0.08,
     structural_share: float = 0.5,
+    compensation: str | None = None,
+    refit_damping: float = 0.01,
 ) -> MethodResult:
-    """Run one one-shot method on `model` (in place)."""
+    """Run one one-shot method on `model` (in place). `compensation` None: the method's published one."""
     if method not in ONE_SHOT:
         raise ValueError(f"{method!r} is not a one-shot method; choose one of {', '.join(ONE_SHOT)}")
     kwargs = dict(sparsity=sparsity, batch_size=batch_size, seed=seed)
@@ -69,4 +71,8 @@ def run_method(
         kwargs.update(outlier_m=outlier_m, lam=lam)
     if method == "mosaic_composite":
         kwargs["structural_share"] = structural_share
+    if compensation is not None:
+        if method not in COMPENSATED_METHODS:
+            raise ValueError(f"{method} takes no compensation; it applies to {', '.join(COMPENSATED_METHODS)}")
+        kwargs.update(compensation=compensation, refit_damping=refit_damping)
     return ONE_SHOT[method](model, kept, windows, **kwargs)

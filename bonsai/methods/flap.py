@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from bonsai.architectures import decoder_layers, group_size, head_dim
+from bonsai.compensation import DEFAULT_DAMPING, compensate_and_shrink
 from bonsai.methods.common import MethodResult, check_sizes, global_select, removed_counts, target_removed
 from bonsai.prior import ActivationStats, _per_feature_score, collect_activation_stats
-from bonsai.shrink import shrink_model
 from bonsai.units import ATTN, MLP, unit_table
 
 
@@ -69,7 +69,7 @@ def added_bias_params(model: nn.Module, units: pd.DataFrame, remove: np.ndarray)
     return total
 
 
-def compensation(
+def compensation_vectors(
     model: nn.Module, units: pd.DataFrame, remove: np.ndarray, stats: ActivationStats
 ) -> dict[tuple[int, str], torch.Tensor]:
     """Per partially pruned module: W[:, removed features] · mean(removed features) (float64)."""
@@ -117,25 +117,31 @@ def flap(
     sparsity: float,
     batch_size: int,
     seed: int = 0,
-    compensate: bool = True,
+    compensation: str = "bias",
+    refit_damping: float = DEFAULT_DAMPING,
 ) -> MethodResult:
+    """`compensation`: ``bias`` (published FLAP, from the score pass's means), ``refit`` (bonsai.compensation's
+    least-squares refit in its place) or ``none``."""
     n0, _ = check_sizes(model)
     units = unit_table(model, kept)
     stats, nll = collect_activation_stats(model, windows, batch_size)
     z = flap_scores(model, units, stats)
-    remove, extra = select(model, units, z, target_removed(n0, sparsity), n0, sparsity, compensate)
-    comp = compensation(model, units, remove, stats) if compensate else {}
-    new_kept = shrink_model(model, units, remove, kept)
+    remove, extra = select(model, units, z, target_removed(n0, sparsity), n0, sparsity, compensation != "none")
+    comp = compensation_vectors(model, units, remove, stats) if compensation == "bias" else {}
+    new_kept, comp_tokens = compensate_and_shrink(
+        model, units, remove, kept, windows, mode="refit" if compensation == "refit" else "none",
+        batch_size=batch_size, damping=refit_damping,
+    )
     apply_compensation(model, comp)
     return MethodResult(
         method="flap",
         kept=new_kept,
         dense_nll=nll,
-        forward_tokens=int(np.asarray(windows).size),
+        forward_tokens=int(np.asarray(windows).size) + comp_tokens,
         removed=removed_counts(units, remove),
         details={
             "metric": "fluctuation (standardised per module kind)",
-            "compensated_modules": len(comp),
+            "compensation": compensation,
             "bias_params_added": int(extra),
         },
     )

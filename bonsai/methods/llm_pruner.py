@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bonsai.architectures import decoder_layers, group_size, head_dim
+from bonsai.compensation import DEFAULT_DAMPING, compensate_and_shrink
 from bonsai.errors import BonsaiError
 from bonsai.evaluate import _as_windows
 from bonsai.methods.common import (
@@ -32,7 +33,6 @@ from bonsai.methods.common import (
     target_removed,
 )
 from bonsai.selection import removable_params, select_removals
-from bonsai.shrink import shrink_model
 from bonsai.units import ATTN, unit_table
 
 # LLM-Pruner's setting on LLaMA-7B: of 32 layers, the first 4 and the last 2 are left alone
@@ -156,6 +156,8 @@ def llm_pruner(
     seed: int = 0,
     protect_first: int | None = None,
     protect_last: int | None = None,
+    compensation: str = "none",
+    refit_damping: float = DEFAULT_DAMPING,
 ) -> MethodResult:
     """`protect_first` / `protect_last`: leading / trailing layers left unpruned (None: the paper's share)."""
     n0, _ = check_sizes(model)
@@ -172,12 +174,14 @@ def llm_pruner(
         clear_gradients(model)
     budget = target_removed(n0, sparsity)
     remove = select_removals(units, per_cost(units, importance), eligible, budget)
-    new_kept = shrink_model(model, units, remove, kept)
+    new_kept, comp_tokens = compensate_and_shrink(
+        model, units, remove, kept, windows, mode=compensation, batch_size=batch_size, damping=refit_damping
+    )
     return MethodResult(
         method="llm_pruner",
         kept=new_kept,
         dense_nll=nll,
-        forward_tokens=int(np.asarray(windows).size),
+        forward_tokens=int(np.asarray(windows).size) + comp_tokens,
         backward_passes=passes,
         removed=removed_counts(units, remove),
         details={

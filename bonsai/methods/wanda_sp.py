@@ -15,10 +15,10 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
+from bonsai.compensation import DEFAULT_DAMPING, compensate_and_shrink
 from bonsai.methods.common import MethodResult, check_sizes, removed_counts, target_removed
 from bonsai.prior import collect_activation_stats, unit_prior
 from bonsai.selection import check_reachable, removable_params
-from bonsai.shrink import shrink_model
 from bonsai.units import unit_table
 
 
@@ -53,7 +53,15 @@ def uniform_select(units, score: np.ndarray, budget: int) -> np.ndarray:
 
 
 def wanda_sp(
-    model: nn.Module, kept: dict, windows: np.ndarray, *, sparsity: float, batch_size: int, seed: int = 0
+    model: nn.Module,
+    kept: dict,
+    windows: np.ndarray,
+    *,
+    sparsity: float,
+    batch_size: int,
+    seed: int = 0,
+    compensation: str = "none",
+    refit_damping: float = DEFAULT_DAMPING,
 ) -> MethodResult:
     n0, _ = check_sizes(model)
     units = unit_table(model, kept)
@@ -61,13 +69,15 @@ def wanda_sp(
     stats, nll = collect_activation_stats(model, windows, batch_size)
     score = unit_prior(model, units, "wanda", stats=stats, seed=seed)
     remove = uniform_select(units, score, target_removed(n0, sparsity))
-    new_kept = shrink_model(model, units, remove, kept)
+    new_kept, comp_tokens = compensate_and_shrink(
+        model, units, remove, kept, windows, mode=compensation, batch_size=batch_size, damping=refit_damping
+    )
     shares = units.assign(removed=remove).groupby(["layer", "kind"])["removed"].mean()
     return MethodResult(
         method="wanda_sp",
         kept=new_kept,
         dense_nll=nll,
-        forward_tokens=int(np.asarray(windows).size),
+        forward_tokens=int(np.asarray(windows).size) + comp_tokens,
         removed=removed_counts(units, remove),
         details={"module_share_removed": {f"{li}.{kind}": float(v) for (li, kind), v in shares.items()}},
     )

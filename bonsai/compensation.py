@@ -1,0 +1,234 @@
+"""Weight compensation after a structured removal: the kept columns of o_proj / down_proj take over what the
+removed units contributed, from forward passes only.
+
+A unit's contribution reaches the residual stream through its columns of o_proj (a KV group's query-head
+features) or down_proj (an MLP channel). With x the input of such a projection over calibration tokens and
+x̃ = [x; 1], the module computes y = [W, b] x̃. Removing features R keeps K; the compensated weights W' over
+K' = K ∪ {bias} minimise
+
+    E‖[W, b] x̃ − W' x̃_K'‖² + λ‖W' − [W, b]_K'‖²,   so   W' = [W, b]_K' + [W, b]_R A_RK' (A_K'K' + λI)⁻¹,
+
+where A = E[x̃ x̃ᵀ] is the input's second-moment matrix (its last row/column the feature means). Modes:
+- ``refit``: that least-squares solution, λ = damping × mean diagonal of A_KK (the OBS/SlimGPT-style update;
+  the ridge pulls towards the current weights, so removing nothing returns them exactly);
+- ``bias``: only the bias moves, b' = b + W_R E[x_R] (FLAP's bias compensation: a removed feature is replaced
+  by its mean);
+- ``none``: no change.
+
+A bias is created on a projection that had none (the checkpoint records it per layer). A module that loses every
+unit is removed whole (bonsai.shrink) and gets no compensation.
+
+The second moments come from one hooked forward pass per group of layers. Layers are compensated group by group,
+first to last, each group's statistics read from a model whose earlier groups are already pruned and
+compensated, so a group also absorbs what the groups before it changed; the group size is chosen so that the
+accumulators of one group fit `max_bytes`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from bonsai.architectures import decoder_layers, group_size, head_dim
+from bonsai.config import COMPENSATIONS
+from bonsai.shrink import shrink_model
+from bonsai.units import ATTN
+
+DEFAULT_DAMPING = 0.01
+DEFAULT_MAX_BYTES = 256 * 2**20
+
+
+def target_projection(model: nn.Module, layer: int, kind: str) -> nn.Linear:
+    """The projection through which a module's units reach the residual stream (o_proj / down_proj)."""
+    block = decoder_layers(model)[layer]
+    return block.self_attn.o_proj if kind == ATTN else block.mlp.down_proj
+
+
+def unit_width(model: nn.Module, kind: str) -> int:
+    """Input features of o_proj / down_proj per unit: a KV group's query-head features, or one channel."""
+    return group_size(model.config) * head_dim(model.config) if kind == ATTN else 1
+
+
+class SecondMoments:
+    """Forward pre-hooks accumulating E[x̃ x̃ᵀ] (x̃ = [x; 1]) of the inputs of chosen projections (float32 sums,
+    solved in float64). `moments[(layer, kind)]` is the ((d+1) × (d+1)) matrix divided by the token count."""
+
+    def __init__(self, model: nn.Module, keys: list[tuple[int, str]]):
+        self._sums: dict[tuple[int, str], torch.Tensor] = {}
+        self._tokens: dict[tuple[int, str], int] = {}
+        self._handles = [
+            target_projection(model, li, kind).register_forward_pre_hook(self._hook((li, kind))) for li, kind in keys
+        ]
+
+    def _hook(self, key):
+        def pre_hook(_module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
+            gram = (x.T @ x).cpu()
+            self._sums[key] = gram if key not in self._sums else self._sums[key].add_(gram)
+            self._tokens[key] = self._tokens.get(key, 0) + x.shape[0]
+
+        return pre_hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def moments(self, key) -> torch.Tensor:
+        return self._sums[key].double() / self._tokens[key]
+
+
+def compensated_weights(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    keep: torch.Tensor,
+    moments: torch.Tensor,
+    mode: str,
+    damping: float = DEFAULT_DAMPING,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W' over the kept input features, b') for one projection; float64. `keep` is a bool per input feature,
+    `moments` the (d+1) × (d+1) second moments of [x; 1] (module docstring)."""
+    if mode not in COMPENSATIONS:
+        raise ValueError(f"unknown compensation {mode!r}; choose one of {', '.join(COMPENSATIONS)}")
+    w = weight.detach().double().cpu()
+    b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.detach().double().cpu()
+    removed = ~keep
+    if mode == "none" or not removed.any():
+        return w[:, keep], b
+    mean = moments[:-1, -1]
+    if mode == "bias":
+        return w[:, keep], b + w[:, removed] @ mean[removed]
+    kept_aug = torch.cat([keep, torch.tensor([True])])  # K' = kept features and the constant
+    a_kk = moments[kept_aug][:, kept_aug]
+    a_rk = moments[torch.cat([removed, torch.tensor([False])])][:, kept_aug]
+    lam = damping * float(torch.diagonal(a_kk)[:-1].mean()) if keep.any() else damping
+    wb = torch.cat([w, b[:, None]], dim=1)[:, kept_aug]
+    rhs = w[:, removed] @ a_rk  # (out × |K'|): what the removed features contributed, seen through K'
+    eye = torch.eye(a_kk.shape[0], dtype=torch.float64)
+    delta = torch.linalg.solve(a_kk + lam * eye, rhs.T).T
+    new = wb + delta
+    return new[:, :-1], new[:, -1]
+
+
+def _set_projection(model: nn.Module, layer: int, kind: str, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Write compensated (already sliced) weights and a bias into the module's projection."""
+    lin = target_projection(model, layer, kind)
+    dtype, device = lin.weight.dtype, lin.weight.device
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=True, dtype=dtype, device="meta")
+    new.weight = nn.Parameter(weight.to(dtype=dtype, device=device).contiguous(), requires_grad=False)
+    new.bias = nn.Parameter(bias.to(dtype=dtype, device=device).contiguous(), requires_grad=False)
+    parent = decoder_layers(model)[layer].self_attn if kind == ATTN else decoder_layers(model)[layer].mlp
+    setattr(parent, "o_proj" if kind == ATTN else "down_proj", new)
+
+
+def _touched_modules(units: pd.DataFrame, remove: np.ndarray) -> dict[tuple[int, str], np.ndarray]:
+    """(layer, kind) -> keep per unit (in index order) for modules that lose some but not all units."""
+    out = {}
+    for (li, kind), rows in units.groupby(["layer", "kind"], sort=True):
+        rows = rows.sort_values("index")
+        drop = remove[rows["unit"].to_numpy()]
+        if drop.any() and not drop.all():
+            out[(int(li), kind)] = ~drop
+    return out
+
+
+def _layer_groups(model: nn.Module, layers: list[int], touched, max_bytes: int) -> list[list[int]]:
+    """Consecutive layers in groups whose float32 accumulators (touched modules only) fit `max_bytes`."""
+    groups: list[list[int]] = []
+    size = 0
+    for li in sorted(layers):
+        need = sum((target_projection(model, *k).in_features + 1) ** 2 * 4 for k in touched if k[0] == li)
+        if groups and size + need <= max_bytes:
+            groups[-1].append(li)
+            size += need
+        else:
+            groups.append([li])
+            size = need
+    return groups
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _statistics_pass(model: nn.Module, windows: np.ndarray, batch_size: int, last_layer: int) -> None:
+    """Run the windows through the model up to the end of decoder layer `last_layer` (the rest is not needed)."""
+    def stop(*_):
+        raise _StopForward
+
+    handle = decoder_layers(model)[last_layer].register_forward_hook(stop)
+    ids = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.int64))
+    device = next(model.parameters()).device
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(ids), batch_size):
+                try:
+                    model(input_ids=ids[start : start + batch_size].to(device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+
+
+def grows_params(model: nn.Module, units: pd.DataFrame, remove: np.ndarray, mode: str) -> int:
+    """Parameters that compensation adds: a bias on every partially pruned projection that has none."""
+    if mode == "none":
+        return 0
+    return sum(
+        target_projection(model, li, kind).out_features
+        for li, kind in _touched_modules(units, remove)
+        if target_projection(model, li, kind).bias is None
+    )
+
+
+def compensate_and_shrink(
+    model: nn.Module,
+    units: pd.DataFrame,
+    remove: np.ndarray,
+    kept: dict[str, list[list[int]]],
+    windows: np.ndarray,
+    *,
+    mode: str,
+    batch_size: int = 8,
+    damping: float = DEFAULT_DAMPING,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> tuple[dict[str, list[list[int]]], int]:
+    """Remove the flagged units (as `shrink_model`) and compensate the kept o_proj / down_proj columns.
+
+    Returns the updated `kept` record and the forward tokens the statistics passes cost (0 for ``none``), each
+    pass counted for the share of the decoder layers it runs: a pass stopped after layer l of L counts (l+1)/L of
+    its tokens."""
+    if mode not in COMPENSATIONS:
+        raise ValueError(f"unknown compensation {mode!r}; choose one of {', '.join(COMPENSATIONS)}")
+    touched = _touched_modules(units, remove)
+    if mode == "none" or not touched:
+        return shrink_model(model, units, remove, kept), 0
+    tokens = 0
+    layer_of = units["layer"].to_numpy()
+    new_kept = kept
+    for group in _layer_groups(model, sorted(set(layer_of[remove].tolist())), touched, max_bytes):
+        keys = [k for k in touched if k[0] in group]
+        solved = {}
+        if keys:
+            moments = SecondMoments(model, keys)
+            try:
+                _statistics_pass(model, windows, batch_size, max(group))
+            finally:
+                moments.remove()
+            tokens += int(np.asarray(windows).size) * (max(group) + 1) // len(decoder_layers(model))
+            for li, kind in keys:
+                lin = target_projection(model, li, kind)
+                keep = torch.from_numpy(np.repeat(touched[(li, kind)], unit_width(model, kind)))
+                solved[(li, kind)] = compensated_weights(
+                    lin.weight, lin.bias, keep, moments.moments((li, kind)), mode, damping
+                )
+            del moments
+        # slice the group's layers (q/k/v, gate/up and the projections' columns), then set the solved projections:
+        # the next group's statistics see this group pruned and compensated
+        new_kept = shrink_model(model, units, remove & np.isin(layer_of, group), new_kept)
+        for (li, kind), (weight, bias) in solved.items():
+            _set_projection(model, li, kind, weight, bias)
+    return new_kept, tokens
