@@ -73,3 +73,30 @@ def write_result(path: Path, result: dict) -> None:
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, path)
     print(f"wrote {path}")
+
+
+def prune_config_of(flags: list[str], model: str, sparsity: float, calib: Path = WIKI_VALID) -> dict:
+    """The resolved prune config `bonsai prune` flags give (what a finished run's record must match to be reused)."""
+    from bonsai.cli import KNOB_FLAGS, build_parser
+    from bonsai.config import resolve_config
+
+    args = build_parser().parse_args(["prune", "--out", "unused", "--model", model, "--sparsity", str(sparsity),
+                                      "--calib", rel(calib), *flags])
+    overrides = {"model": args.model, "sparsity": args.sparsity, "preset": args.preset, "calib": args.calib,
+                 "seed": args.seed}  # not a knob flag: without it a seed variant never matched its finished run
+    overrides.update({key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _) in KNOB_FLAGS.items()})
+    return resolve_config(overrides).to_dict()
+
+
+def finished_run(out: Path, config: dict) -> dict | None:
+    """The record of a finished run in `out` made with `config` (keys the record predates must be defaults)."""
+    from bonsai.config import PruneConfig
+
+    record_path = out / "pruning_record.json"
+    if not record_path.exists():
+        return None
+    record = json.loads(record_path.read_text())
+    defaults = PruneConfig(preset=config["preset"]).resolved().to_dict()
+    placement = ("workers", "scheduler")  # where shards ran does not change the result
+    same = all(record["config"].get(k, defaults[k]) == v for k, v in config.items() if k not in placement)
+    return record if same and "summary" in record else None

@@ -17,10 +17,18 @@ import json
 import shutil
 from pathlib import Path
 
-from common import REPO, WIKI_TEST_RAW, WIKI_VALID, bonsai_cmd, provenance, rel, run_measured, write_result
-
-from bonsai.cli import KNOB_FLAGS, build_parser
-from bonsai.config import PruneConfig, resolve_config
+from common import (
+    REPO,
+    WIKI_TEST_RAW,
+    WIKI_VALID,
+    bonsai_cmd,
+    finished_run,
+    provenance,
+    prune_config_of,
+    rel,
+    run_measured,
+    write_result,
+)
 
 
 def _prior_scaled(n_samples: int, calib_windows: int, sample_windows: int, *extra: str,
@@ -70,28 +78,6 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def _config_of(flags: list[str], model: str, sparsity: float) -> dict:
-    """The resolved prune config those flags give (what a finished run's record must match to be reused)."""
-    args = build_parser().parse_args(["prune", "--out", "unused", "--model", model, "--sparsity", str(sparsity),
-                                      "--calib", rel(WIKI_VALID), *flags])
-    overrides = {"model": args.model, "sparsity": args.sparsity, "preset": args.preset, "calib": args.calib,
-                 "seed": args.seed}  # not a knob flag: without it a seed variant never matched its finished run
-    overrides.update({key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _) in KNOB_FLAGS.items()})
-    return resolve_config(overrides).to_dict()
-
-
-def _finished_run(out: Path, config: dict) -> dict | None:
-    """The record of a finished run in `out` made with `config` (keys the record predates must be defaults)."""
-    record_path = out / "pruning_record.json"
-    if not record_path.exists():
-        return None
-    record = json.loads(record_path.read_text())
-    defaults = PruneConfig(preset=config["preset"]).resolved().to_dict()
-    placement = ("workers", "scheduler")  # where shards ran does not change the result
-    same = all(record["config"].get(k, defaults[k]) == v for k, v in config.items() if k not in placement)
-    return record if same and "summary" in record else None
-
-
 def _merge(out: Path, row: dict, header: dict) -> None:
     """Add or replace one variant's row; a lock keeps concurrent invocations from losing each other's rows."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -134,7 +120,7 @@ def main() -> None:
         started = provenance()
         what, flags = VARIANTS[name]
         out = work / name
-        record = _finished_run(out, _config_of(flags, args.model, args.sparsity)) if args.reuse else None
+        record = finished_run(out, prune_config_of(flags, args.model, args.sparsity)) if args.reuse else None
         prune = None
         if record is None:
             shutil.rmtree(out, ignore_errors=True)

@@ -9,6 +9,11 @@ down_proj input channel.
 - magnitude: mean |W| over every weight the unit owns.
 - random: uniform noise from the seed (a baseline).
 The same pass also yields the dense model's per-window loss, so the round's baseline costs no extra forward.
+
+`massive_units` flags the units that carry massive activations (Sun et al. 2024, "Massive activations in large
+language models"): a few down_proj input channels whose peak magnitude is hundreds of times their module's typical
+peak. They act as fixed biases that attention relies on everywhere downstream; removing one collapses the model
+however little the removal moves the loss on a handful of windows, so they are never candidates.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class ActivationStats:
         self.model = model
         self.sum: dict[tuple[int, str], torch.Tensor] = {}
         self.sumsq: dict[tuple[int, str], torch.Tensor] = {}
+        self.absmax: dict[tuple[int, str], torch.Tensor] = {}
         self.tokens = 0
         self._handles = []
         for li, layer in enumerate(decoder_layers(model)):
@@ -46,8 +52,10 @@ class ActivationStats:
             if key not in self.sum:
                 self.sum[key] = torch.zeros(x.shape[-1], dtype=torch.float64)
                 self.sumsq[key] = torch.zeros(x.shape[-1], dtype=torch.float64)
+                self.absmax[key] = torch.zeros(x.shape[-1], dtype=torch.float64)
             self.sum[key] += x.sum(0).cpu()
             self.sumsq[key] += (x * x).sum(0).cpu()
+            torch.maximum(self.absmax[key], x.abs().amax(0).cpu(), out=self.absmax[key])
 
         return pre_hook
 
@@ -74,6 +82,23 @@ def collect_activation_stats(
         stats.remove()
     stats.tokens = int(np.prod(np.asarray(windows).shape))  # every hooked projection sees each token once
     return stats, nll
+
+
+# A feature is massive when its peak |activation| over the calibration tokens is this many times the median peak
+# of its projection's inputs (the paper reports ~1,000x; ordinary outlier features stay within ~10-70x).
+MASSIVE_FACTOR = 100.0
+
+
+def massive_units(model: nn.Module, units: pd.DataFrame, stats: ActivationStats) -> np.ndarray:
+    """Bool per unit: some feature of the unit has a peak |activation| >= MASSIVE_FACTOR x its module's median."""
+    width = {ATTN: group_size(model.config) * head_dim(model.config), MLP: 1}
+    out = np.zeros(len(units), dtype=bool)
+    for (li, kind), rows in units.groupby(["layer", "kind"], sort=True):
+        peak = stats.absmax[(li, kind)]
+        massive = peak >= MASSIVE_FACTOR * peak.median().clamp_min(torch.finfo(torch.float64).tiny)
+        order = rows.sort_values("index")
+        out[order["unit"].to_numpy()] = massive.reshape(len(order), width[kind]).any(1).numpy()
+    return out
 
 
 def _per_feature_score(method: str, stats: ActivationStats, key, weight_cols: torch.Tensor) -> torch.Tensor:

@@ -33,11 +33,16 @@ def module_counts(n_units: int, p_round: float) -> tuple[int, float]:
     return n_cand, min(float(n_cand), p_round * n_units)
 
 
-def candidate_mask(units: pd.DataFrame, prior: np.ndarray, p_round: float) -> np.ndarray:
-    """Bool per unit: True for this round's candidates (lowest prior per module; ties by position)."""
+def candidate_mask(
+    units: pd.DataFrame, prior: np.ndarray, p_round: float, protected: np.ndarray | None = None
+) -> np.ndarray:
+    """Bool per unit: True for this round's candidates (lowest prior per module; ties by position). `protected`
+    units (massive activations, bonsai.prior.massive_units) are never candidates."""
     cand = np.zeros(len(units), dtype=bool)
     for ids in _module_groups(units):
         n_cand, _ = module_counts(len(ids), p_round)
+        if protected is not None:
+            ids = ids[~protected[ids]]
         order = ids[np.lexsort((ids, prior[ids]))]
         cand[order[:n_cand]] = True
     return cand
@@ -62,7 +67,7 @@ def sample_masks(
         cand_ids = ids[candidates[ids]]
         if len(cand_ids) == 0:
             continue
-        _, expected_drop = module_counts(len(ids), p_round)
+        expected_drop = min(module_counts(len(ids), p_round)[1], float(len(cand_ids)))
         p = prior[cand_ids]
         weight = (p.max() - p) + 1e-9 * (np.abs(p).max() + 1.0)  # every candidate keeps a chance
         modules.append((cand_ids, expected_drop, weight / weight.sum()))

@@ -27,7 +27,7 @@ from bonsai.compensation import compensate_and_shrink
 from bonsai.data import load_windows
 from bonsai.evaluate import kl_to_reference, mean_nll, reference_log_probs, window_nll
 from bonsai.masking import SLICE_MIN_DROP, UnitMasker, dropped_share, sliced_submodel
-from bonsai.prior import collect_activation_stats, unit_prior
+from bonsai.prior import collect_activation_stats, massive_units, unit_prior
 from bonsai.regression import estimate_importance
 from bonsai.sampling import candidate_mask, sample_masks
 from bonsai.selection import removable_params, select_removals
@@ -106,7 +106,8 @@ def prior_task(
         stats, nll = collect_activation_stats(model, _windows(windows["path"], windows["sha256"]), batch_size)
         scored = sample_windows or len(nll)
         units["prior"] = unit_prior(model, units, prior, stats=stats, seed=seed)
-        units["candidate"] = candidate_mask(units, units["prior"].to_numpy(), p_iter)
+        units["massive"] = massive_units(model, units, stats)
+        units["candidate"] = candidate_mask(units, units["prior"].to_numpy(), p_iter, units["massive"].to_numpy())
         meta = {
             "dense_nll": float(nll.mean()),
             # the windows sub-models are scored on (and the check pass after the round reads)

@@ -20,7 +20,8 @@ from bonsai.compensation import (
     target_projection,
 )
 from bonsai.methods import run_method
-from bonsai.prior import collect_activation_stats, unit_prior
+from bonsai.prior import collect_activation_stats, massive_units, unit_prior
+from bonsai.sampling import candidate_mask
 from bonsai.units import full_kept, unit_table
 
 
@@ -159,3 +160,23 @@ def test_one_shot_methods_take_the_refit(method):
     with pytest.raises(ValueError, match="takes no compensation"):
         run_method("mosaic", copy.deepcopy(dense), full_kept(dense), calib, sparsity=0.3, batch_size=8,
                    compensation="refit")
+
+
+def test_massive_activation_channels_are_never_candidates():
+    """A down_proj input channel made ~1000x larger than the rest (its gate/up rows scaled) is flagged massive and
+    kept out of the candidates even when the prior ranks it lowest; ordinary channels are not flagged."""
+    model = tiny_model("llama", seed=14)
+    with torch.no_grad():
+        mlp = decoder_layers(model)[1].mlp
+        mlp.gate_proj.weight[7] *= 40.0
+        mlp.up_proj.weight[7] *= 40.0
+    units = unit_table(model)
+    stats, _ = collect_activation_stats(model, _tokens(15, n=8), batch_size=8)
+    massive = massive_units(model, units, stats)
+    channel = units.index[(units["layer"] == 1) & (units["kind"] == "mlp") & (units["index"] == 7)][0]
+    assert massive[channel] and massive.sum() == 1
+    prior = unit_prior(model, units, "wanda", stats=stats, seed=0)
+    prior[channel] = -1.0  # the lowest prior of its module: the first candidate without the guard
+    assert candidate_mask(units, prior, 0.2)[channel]
+    guarded = candidate_mask(units, prior, 0.2, massive)
+    assert not guarded[channel] and guarded.sum() == candidate_mask(units, prior, 0.2).sum()
