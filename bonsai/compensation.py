@@ -10,7 +10,11 @@ K' = K ∪ {bias} minimise
 
 where A = E[x̃ x̃ᵀ] is the input's second-moment matrix (its last row/column the feature means). Modes:
 - ``refit``: that least-squares solution, λ = damping × mean diagonal of A_KK (the OBS/SlimGPT-style update;
-  the ridge pulls towards the current weights, so removing nothing returns them exactly);
+  the ridge pulls towards the current weights, so removing nothing returns them exactly). The damping is
+  cross-validated per projection unless fixed: the calibration windows fall into two folds (even / odd index),
+  each grid value is fitted on one fold and scored by the output error it leaves on the other, and the best is
+  refitted on both. Few tokens for many features (a wide down_proj, a small calibration set) then get a strong
+  ridge, plenty of tokens a weak one, with no constant tuned to one model;
 - ``bias``: only the bias moves, b' = b + W_R E[x_R] (FLAP's bias compensation: a removed feature is replaced
   by its mean);
 - ``none``: no change.
@@ -36,7 +40,8 @@ from bonsai.config import COMPENSATIONS
 from bonsai.shrink import shrink_model
 from bonsai.units import ATTN
 
-DEFAULT_DAMPING = 0.01
+# Ridge strengths tried when the damping is cross-validated, relative to the kept inputs' mean second moment.
+DAMPING_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 DEFAULT_MAX_BYTES = 256 * 2**20
 
 
@@ -53,22 +58,31 @@ def unit_width(model: nn.Module, kind: str) -> int:
 
 class SecondMoments:
     """Forward pre-hooks accumulating E[x̃ x̃ᵀ] (x̃ = [x; 1]) of the inputs of chosen projections (float32 sums,
-    solved in float64). `moments[(layer, kind)]` is the ((d+1) × (d+1)) matrix divided by the token count."""
+    solved in float64), in two folds: the windows of even and of odd index (`offset` = the index of the batch's
+    first window, set by the caller before each batch). `moments(key)` is the ((d+1) × (d+1)) matrix over every
+    token, `fold_moments(key)` the two folds' own, from which a damping is cross-validated."""
 
     def __init__(self, model: nn.Module, keys: list[tuple[int, str]]):
-        self._sums: dict[tuple[int, str], torch.Tensor] = {}
-        self._tokens: dict[tuple[int, str], int] = {}
+        self._sums: dict[tuple[int, str], list[torch.Tensor]] = {}
+        self._tokens: dict[tuple[int, str], list[int]] = {}
+        self.offset = 0
         self._handles = [
             target_projection(model, li, kind).register_forward_pre_hook(self._hook((li, kind))) for li, kind in keys
         ]
 
     def _hook(self, key):
         def pre_hook(_module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
-            gram = (x.T @ x).cpu()
-            self._sums[key] = gram if key not in self._sums else self._sums[key].add_(gram)
-            self._tokens[key] = self._tokens.get(key, 0) + x.shape[0]
+            x = args[0].detach().float()  # (batch, seq, d)
+            x = torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)], dim=-1)
+            sums = self._sums.setdefault(key, [None, None])
+            tokens = self._tokens.setdefault(key, [0, 0])
+            for fold in (0, 1):
+                rows = x[(self.offset + fold) % 2 :: 2].reshape(-1, x.shape[-1])
+                if not len(rows):
+                    continue
+                gram = (rows.T @ rows).cpu()
+                sums[fold] = gram if sums[fold] is None else sums[fold].add_(gram)
+                tokens[fold] += rows.shape[0]
 
         return pre_hook
 
@@ -78,7 +92,30 @@ class SecondMoments:
         self._handles = []
 
     def moments(self, key) -> torch.Tensor:
-        return self._sums[key].double() / self._tokens[key]
+        sums = [g for g in self._sums[key] if g is not None]
+        return sum(g.double() for g in sums) / sum(self._tokens[key])
+
+    def fold_moments(self, key) -> list[torch.Tensor]:
+        """The two folds' moments; fewer than two when the windows were too few to split."""
+        return [g.double() / n for g, n in zip(self._sums[key], self._tokens[key], strict=True) if g is not None]
+
+
+def _refit_delta(wb: torch.Tensor, keep_aug: torch.Tensor, moments: torch.Tensor, lams) -> list[torch.Tensor]:
+    """The least-squares update of the kept columns (|K'| of them) for each ridge λ in `lams` (absolute), from
+    one eigendecomposition of the kept inputs' moments."""
+    removed = torch.cat([~keep_aug[:-1], torch.tensor([False])])
+    a_kk = moments[keep_aug][:, keep_aug]
+    rhs = wb[:, removed] @ moments[removed][:, keep_aug]  # (out × |K'|): the removed features seen through K'
+    evals, evecs = torch.linalg.eigh(a_kk)
+    projected = rhs @ evecs
+    return [(projected / (evals.clamp_min(0) + lam)) @ evecs.T for lam in lams]
+
+
+def _held_out_error(wb: torch.Tensor, keep_aug: torch.Tensor, delta: torch.Tensor, moments: torch.Tensor) -> float:
+    """E‖[W, b] x̃ − W' x̃_K'‖² over the tokens `moments` summarise, W' = [W, b]_K' + delta."""
+    diff = wb.clone()
+    diff[:, keep_aug] = -delta  # the kept part differs by the update; the removed part is all of it
+    return float(((diff @ moments) * diff).sum())
 
 
 def compensated_weights(
@@ -87,10 +124,13 @@ def compensated_weights(
     keep: torch.Tensor,
     moments: torch.Tensor,
     mode: str,
-    damping: float = DEFAULT_DAMPING,
+    damping: float | None = None,
+    folds: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(W' over the kept input features, b') for one projection; float64. `keep` is a bool per input feature,
-    `moments` the (d+1) × (d+1) second moments of [x; 1] (module docstring)."""
+    `moments` the (d+1) × (d+1) second moments of [x; 1] (module docstring). A `damping` of None is
+    cross-validated: each of DAMPING_GRID is fitted on one fold of `folds` and scored by the output error on the
+    other, and the one with the least total error is refitted on all of `moments`."""
     if mode not in COMPENSATIONS:
         raise ValueError(f"unknown compensation {mode!r}; choose one of {', '.join(COMPENSATIONS)}")
     w = weight.detach().double().cpu()
@@ -101,16 +141,31 @@ def compensated_weights(
     mean = moments[:-1, -1]
     if mode == "bias":
         return w[:, keep], b + w[:, removed] @ mean[removed]
-    kept_aug = torch.cat([keep, torch.tensor([True])])  # K' = kept features and the constant
-    a_kk = moments[kept_aug][:, kept_aug]
-    a_rk = moments[torch.cat([removed, torch.tensor([False])])][:, kept_aug]
-    lam = damping * float(torch.diagonal(a_kk)[:-1].mean()) if keep.any() else damping
-    wb = torch.cat([w, b[:, None]], dim=1)[:, kept_aug]
-    rhs = w[:, removed] @ a_rk  # (out × |K'|): what the removed features contributed, seen through K'
-    eye = torch.eye(a_kk.shape[0], dtype=torch.float64)
-    delta = torch.linalg.solve(a_kk + lam * eye, rhs.T).T
-    new = wb + delta
+    keep_aug = torch.cat([keep, torch.tensor([True])])  # K' = kept features and the constant
+    wb = torch.cat([w, b[:, None]], dim=1)
+    if damping is None:
+        damping = cross_validated_damping(wb, keep_aug, folds)
+    (delta,) = _refit_delta(wb, keep_aug, moments, [damping * _ridge_scale(moments, keep_aug)])
+    new = wb[:, keep_aug] + delta
     return new[:, :-1], new[:, -1]
+
+
+def _ridge_scale(moments: torch.Tensor, keep_aug: torch.Tensor) -> float:
+    """λ is relative to the kept features' mean second moment (1 when no feature is kept: only the constant)."""
+    diag = torch.diagonal(moments)[:-1][keep_aug[:-1]]
+    return float(diag.mean()) if len(diag) else 1.0
+
+
+def cross_validated_damping(wb: torch.Tensor, keep_aug: torch.Tensor, folds: list[torch.Tensor] | None) -> float:
+    """The DAMPING_GRID value whose refit, fitted on one fold's moments, leaves the least output error on the
+    other fold's (summed over both directions). `wb` = [W, b]; `keep_aug` = kept features and the constant."""
+    if folds is None or len(folds) < 2:
+        raise ValueError("a cross-validated damping needs the moments of two folds (two or more windows)")
+    errors = torch.zeros(len(DAMPING_GRID), dtype=torch.float64)
+    for fit, held in ((folds[0], folds[1]), (folds[1], folds[0])):
+        deltas = _refit_delta(wb, keep_aug, fit, [d * _ridge_scale(fit, keep_aug) for d in DAMPING_GRID])
+        errors += torch.tensor([_held_out_error(wb, keep_aug, dl, held) for dl in deltas])
+    return DAMPING_GRID[int(torch.argmin(errors))]
 
 
 def _set_projection(model: nn.Module, layer: int, kind: str, weight: torch.Tensor, bias: torch.Tensor) -> None:
@@ -140,7 +195,8 @@ def _layer_groups(model: nn.Module, layers: list[int], touched, max_bytes: int) 
     groups: list[list[int]] = []
     size = 0
     for li in sorted(layers):
-        need = sum((target_projection(model, *k).in_features + 1) ** 2 * 4 for k in touched if k[0] == li)
+        # two folds of float32 sums per touched projection
+        need = sum(2 * (target_projection(model, *k).in_features + 1) ** 2 * 4 for k in touched if k[0] == li)
         if groups and size + need <= max_bytes:
             groups[-1].append(li)
             size += need
@@ -154,7 +210,9 @@ class _StopForward(Exception):
     pass
 
 
-def _statistics_pass(model: nn.Module, windows: np.ndarray, batch_size: int, last_layer: int) -> None:
+def _statistics_pass(
+    model: nn.Module, windows: np.ndarray, batch_size: int, last_layer: int, moments: SecondMoments
+) -> None:
     """Run the windows through the model up to the end of decoder layer `last_layer` (the rest is not needed)."""
     def stop(*_):
         raise _StopForward
@@ -165,6 +223,7 @@ def _statistics_pass(model: nn.Module, windows: np.ndarray, batch_size: int, las
     try:
         with torch.inference_mode():
             for start in range(0, len(ids), batch_size):
+                moments.offset = start
                 try:
                     model(input_ids=ids[start : start + batch_size].to(device), use_cache=False)
                 except _StopForward:
@@ -193,7 +252,7 @@ def compensate_and_shrink(
     *,
     mode: str,
     batch_size: int = 8,
-    damping: float = DEFAULT_DAMPING,
+    damping: float | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> tuple[dict[str, list[list[int]]], int]:
     """Remove the flagged units (as `shrink_model`) and compensate the kept o_proj / down_proj columns.
@@ -215,7 +274,7 @@ def compensate_and_shrink(
         if keys:
             moments = SecondMoments(model, keys)
             try:
-                _statistics_pass(model, windows, batch_size, max(group))
+                _statistics_pass(model, windows, batch_size, max(group), moments)
             finally:
                 moments.remove()
             tokens += int(np.asarray(windows).size) * (max(group) + 1) // len(decoder_layers(model))
@@ -223,7 +282,8 @@ def compensate_and_shrink(
                 lin = target_projection(model, li, kind)
                 keep = torch.from_numpy(np.repeat(touched[(li, kind)], unit_width(model, kind)))
                 solved[(li, kind)] = compensated_weights(
-                    lin.weight, lin.bias, keep, moments.moments((li, kind)), mode, damping
+                    lin.weight, lin.bias, keep, moments.moments((li, kind)), mode, damping,
+                    moments.fold_moments((li, kind)),
                 )
             del moments
         # slice the group's layers (q/k/v, gate/up and the projections' columns), then set the solved projections:

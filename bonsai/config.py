@@ -100,8 +100,9 @@ class PruneConfig:
     module_share: str | None = None
     sample_windows: int | None = None
     compensation: str | None = None
-    # refit: ridge λ = refit_damping × the mean diagonal of the kept inputs' second moments (bonsai.compensation)
-    refit_damping: float = 0.01
+    # refit: ridge λ = refit_damping × the mean diagonal of the kept inputs' second moments (bonsai.compensation);
+    # None = cross-validated per projection on two folds of the calibration windows
+    refit_damping: float | None = None
     cv_folds: int = 5
     # MLP widths stay multiples of this (bonsai.selection): 8 = the AVX2 fp32 vector width, 64 for GPU tiles
     channel_multiple: int = 1
@@ -134,6 +135,8 @@ class PruneConfig:
             return self.resolved().validate()
         for f in dataclasses.fields(self):
             v, kind = getattr(self, f.name), _FIELD_KINDS.get(f.name)
+            if v is None and "None" in str(f.type):
+                continue
             if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
                 raise BonsaiError(f"{f.name} must be an integer, got {v!r}")
             if kind is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
@@ -161,7 +164,7 @@ class PruneConfig:
                 f"method {self.method} takes no compensation (it applies to {', '.join(COMPENSATED_METHODS)}); "
                 f"use --compensation none"
             )
-        if not self.refit_damping > 0:
+        if self.refit_damping is not None and not self.refit_damping > 0:
             raise BonsaiError(f"refit_damping must be > 0, got {self.refit_damping}")
         if not 0.0 < self.p_iter < 0.5:
             raise BonsaiError(

@@ -271,7 +271,7 @@ def shrink_task(
     record: dict,
     channel_multiple: int = 1,
     compensation: str = "none",
-    refit_damping: float = 0.01,
+    refit_damping: float | None = None,
     sample_windows: int = 0,
 ) -> dict:
     """Steps 6-7: remove the lowest-β candidates up to the parameter budget (MLP channels in blocks that keep

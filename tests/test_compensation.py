@@ -16,6 +16,7 @@ from bonsai.compensation import (
     _touched_modules,
     compensate_and_shrink,
     compensated_weights,
+    cross_validated_damping,
     grows_params,
     target_projection,
 )
@@ -180,3 +181,24 @@ def test_massive_activation_channels_are_never_candidates():
     assert candidate_mask(units, prior, 0.2)[channel]
     guarded = candidate_mask(units, prior, 0.2, massive)
     assert not guarded[channel] and guarded.sum() == candidate_mask(units, prior, 0.2).sum()
+
+
+def test_cross_validated_damping_follows_the_token_budget():
+    """Correlated features (rank 3 + noise): with fewer tokens than features the fit overfits its fold and the
+    cross-validation picks a ridge at least 10x stronger than with thousands of tokens."""
+    g = torch.Generator().manual_seed(16)
+    mix = torch.randn(3, 24, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 24, generator=g, dtype=torch.float64)
+    wb = torch.cat([w, torch.zeros(6, 1, dtype=torch.float64)], dim=1)
+    keep_aug = torch.ones(25, dtype=torch.bool)
+    keep_aug[:8] = False
+    chosen = {}
+    for n in (8000, 16):
+        folds = []
+        for _ in range(2):
+            x = torch.randn(n // 2, 3, generator=g, dtype=torch.float64) @ mix
+            folds.append(_moments(x + 0.1 * torch.randn(x.shape, generator=g, dtype=torch.float64)))
+        chosen[n] = cross_validated_damping(wb, keep_aug, folds)
+    assert chosen[16] >= 10 * chosen[8000], chosen
+    with pytest.raises(ValueError, match="two folds"):
+        cross_validated_damping(wb, keep_aug, folds[:1])

@@ -61,7 +61,7 @@ def run_method(
     lam: float = 0.08,
     structural_share: float = 0.5,
     compensation: str | None = None,
-    refit_damping: float = 0.01,
+    refit_damping: float | None = None,
 ) -> MethodResult:
     """Run one one-shot method on `model` (in place). `compensation` None: the method's published one."""
     if method not in ONE_SHOT:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from bonsai.compensation import DEFAULT_DAMPING, compensate_and_shrink
+from bonsai.compensation import compensate_and_shrink
 from bonsai.methods.common import MethodResult, check_sizes, dense_pass, global_select, removed_counts, target_removed
 from bonsai.prior import unit_prior
 from bonsai.units import unit_table
 
-NO_COMPENSATION = {"compensation": "none", "refit_damping": DEFAULT_DAMPING}
+NO_COMPENSATION = {"compensation": "none", "refit_damping": None}
 
 
 def _baseline(

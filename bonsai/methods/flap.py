@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from bonsai.architectures import decoder_layers, group_size, head_dim
-from bonsai.compensation import DEFAULT_DAMPING, compensate_and_shrink
+from bonsai.compensation import compensate_and_shrink
 from bonsai.methods.common import MethodResult, check_sizes, global_select, removed_counts, target_removed
 from bonsai.prior import ActivationStats, _per_feature_score, collect_activation_stats
 from bonsai.units import ATTN, MLP, unit_table
@@ -118,7 +118,7 @@ def flap(
     batch_size: int,
     seed: int = 0,
     compensation: str = "bias",
-    refit_damping: float = DEFAULT_DAMPING,
+    refit_damping: float | None = None,
 ) -> MethodResult:
     """`compensation`: ``bias`` (published FLAP, from the score pass's means), ``refit`` (bonsai.compensation's
     least-squares refit in its place) or ``none``."""

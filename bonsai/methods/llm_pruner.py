@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bonsai.architectures import decoder_layers, group_size, head_dim
-from bonsai.compensation import DEFAULT_DAMPING, compensate_and_shrink
+from bonsai.compensation import compensate_and_shrink
 from bonsai.errors import BonsaiError
 from bonsai.evaluate import _as_windows
 from bonsai.methods.common import (
@@ -157,7 +157,7 @@ def llm_pruner(
     protect_first: int | None = None,
     protect_last: int | None = None,
     compensation: str = "none",
-    refit_damping: float = DEFAULT_DAMPING,
+    refit_damping: float | None = None,
 ) -> MethodResult:
     """`protect_first` / `protect_last`: leading / trailing layers left unpruned (None: the paper's share)."""
     n0, _ = check_sizes(model)

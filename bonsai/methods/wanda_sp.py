@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from bonsai.compensation import DEFAULT_DAMPING, compensate_and_shrink
+from bonsai.compensation import compensate_and_shrink
 from bonsai.methods.common import MethodResult, check_sizes, removed_counts, target_removed
 from bonsai.prior import collect_activation_stats, unit_prior
 from bonsai.selection import check_reachable, removable_params
@@ -61,7 +61,7 @@ def wanda_sp(
     batch_size: int,
     seed: int = 0,
     compensation: str = "none",
-    refit_damping: float = DEFAULT_DAMPING,
+    refit_damping: float | None = None,
 ) -> MethodResult:
     n0, _ = check_sizes(model)
     units = unit_table(model, kept)
