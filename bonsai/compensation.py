@@ -25,7 +25,10 @@ unit is removed whole (bonsai.shrink) and gets no compensation.
 The second moments come from one hooked forward pass per group of layers. Layers are compensated group by group,
 first to last, each group's statistics read from a model whose earlier groups are already pruned and
 compensated, so a group also absorbs what the groups before it changed; the group size is chosen so that the
-accumulators of one group fit `max_bytes`.
+accumulators of one group fit `max_bytes`. A pass does not start at the embeddings: it starts from the cached
+inputs of the previous group's first layer (the previous group, now compensated, is run again to produce this
+group's inputs), so all groups together cost about two passes through the layers whatever their number, and the
+memory budget can stay small.
 """
 
 from __future__ import annotations
@@ -42,7 +45,9 @@ from bonsai.units import ATTN
 
 # Ridge strengths tried when the damping is cross-validated, relative to the kept inputs' mean second moment.
 DAMPING_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
-DEFAULT_MAX_BYTES = 256 * 2**20
+# The statistics accumulators of one group of layers may take this share of the model's own parameter bytes (a
+# group holds at least one layer whatever the budget).
+MEMORY_SHARE = 0.1
 
 
 def target_projection(model: nn.Module, layer: int, kind: str) -> nn.Linear:
@@ -210,26 +215,61 @@ class _StopForward(Exception):
     pass
 
 
+class _LayerInputs:
+    """The hidden states entering decoder layer `layer`, one tensor per batch of the statistics windows: a pass that
+    starts there skips every layer before it (they return the cached states instead of computing)."""
+
+    def __init__(self, layer: int):
+        self.layer = layer
+        self.batches: list[torch.Tensor] = []
+
+
 def _statistics_pass(
-    model: nn.Module, windows: np.ndarray, batch_size: int, last_layer: int, moments: SecondMoments
-) -> None:
-    """Run the windows through the model up to the end of decoder layer `last_layer` (the rest is not needed)."""
+    model: nn.Module,
+    windows: np.ndarray,
+    batch_size: int,
+    last_layer: int,
+    moments: SecondMoments,
+    start: _LayerInputs | None,
+    capture_at: int,
+) -> _LayerInputs:
+    """Run the windows through decoder layers from `start.layer` (its cached inputs; from the embeddings without
+    them) to `last_layer`, the rest not being needed; return the inputs of layer `capture_at` for the next pass."""
+    layers = decoder_layers(model)
+    captured = _LayerInputs(capture_at)
+    batch_index = [0]
+
     def stop(*_):
         raise _StopForward
 
-    handle = decoder_layers(model)[last_layer].register_forward_hook(stop)
+    def capture(_module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        captured.batches.append(hidden.detach().clone())
+
+    handles = [layers[last_layer].register_forward_hook(stop),
+               layers[capture_at].register_forward_pre_hook(capture, with_kwargs=True)]
+    skipped = range(start.layer) if start is not None else range(0)
+    for li in skipped:  # the layer before the start hands over the cached states, earlier ones pass them on
+        if li == start.layer - 1:
+            layers[li].forward = lambda hidden_states, *a, **k: start.batches[batch_index[0]]
+        else:
+            layers[li].forward = lambda hidden_states, *a, **k: hidden_states
     ids = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.int64))
     device = next(model.parameters()).device
     try:
         with torch.inference_mode():
-            for start in range(0, len(ids), batch_size):
-                moments.offset = start
+            for b, first in enumerate(range(0, len(ids), batch_size)):
+                moments.offset, batch_index[0] = first, b
                 try:
-                    model(input_ids=ids[start : start + batch_size].to(device), use_cache=False)
+                    model(input_ids=ids[first : first + batch_size].to(device), use_cache=False)
                 except _StopForward:
                     pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+        for li in skipped:
+            del layers[li].forward  # back to the class's forward
+    return captured
 
 
 def grows_params(model: nn.Module, units: pd.DataFrame, remove: np.ndarray, mode: str) -> int:
@@ -253,31 +293,36 @@ def compensate_and_shrink(
     mode: str,
     batch_size: int = 8,
     damping: float | None = None,
-    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_bytes: int | None = None,
 ) -> tuple[dict[str, list[list[int]]], int]:
     """Remove the flagged units (as `shrink_model`) and compensate the kept o_proj / down_proj columns.
 
     Returns the updated `kept` record and the forward tokens the statistics passes cost (0 for ``none``), each
-    pass counted for the share of the decoder layers it runs: a pass stopped after layer l of L counts (l+1)/L of
+    pass counted for the share of the decoder layers it runs: a pass through layers a..b of L counts (b-a+1)/L of
     its tokens."""
     if mode not in COMPENSATIONS:
         raise ValueError(f"unknown compensation {mode!r}; choose one of {', '.join(COMPENSATIONS)}")
     touched = _touched_modules(units, remove)
     if mode == "none" or not touched:
         return shrink_model(model, units, remove, kept), 0
+    if max_bytes is None:
+        max_bytes = int(MEMORY_SHARE * sum(p.numel() * p.element_size() for p in model.parameters()))
     tokens = 0
     layer_of = units["layer"].to_numpy()
+    n_layers = len(decoder_layers(model))
     new_kept = kept
+    inputs = None  # inputs of the previous group's first layer: the next pass starts there
     for group in _layer_groups(model, sorted(set(layer_of[remove].tolist())), touched, max_bytes):
         keys = [k for k in touched if k[0] in group]
         solved = {}
         if keys:
+            first = 0 if inputs is None else inputs.layer
             moments = SecondMoments(model, keys)
             try:
-                _statistics_pass(model, windows, batch_size, max(group), moments)
+                inputs = _statistics_pass(model, windows, batch_size, max(group), moments, inputs, min(group))
             finally:
                 moments.remove()
-            tokens += int(np.asarray(windows).size) * (max(group) + 1) // len(decoder_layers(model))
+            tokens += int(np.asarray(windows).size) * (max(group) + 1 - first) // n_layers
             for li, kind in keys:
                 lin = target_projection(model, li, kind)
                 keep = torch.from_numpy(np.repeat(touched[(li, kind)], unit_width(model, kind)))

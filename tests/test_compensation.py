@@ -12,7 +12,9 @@ from tiny_models import tiny_biased_llama, tiny_model
 from bonsai.architectures import decoder_layers, non_embedding_params
 from bonsai.checkpoint import load_pruned_model, save_pruned
 from bonsai.compensation import (
+    SecondMoments,
     _layer_groups,
+    _statistics_pass,
     _touched_modules,
     compensate_and_shrink,
     compensated_weights,
@@ -202,3 +204,25 @@ def test_cross_validated_damping_follows_the_token_budget():
     assert chosen[16] >= 10 * chosen[8000], chosen
     with pytest.raises(ValueError, match="two folds"):
         cross_validated_damping(wb, keep_aug, folds[:1])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_a_pass_from_cached_layer_inputs_sees_what_a_full_pass_sees(family):
+    """Statistics of layer 1 from a pass that starts at the cached inputs of layer 1 (layer 0 skipped) equal those
+    of a pass from the embeddings, on families with one mask for all layers and with sliding / full layers."""
+    model = tiny_model(family, seed=17)
+    windows, keys = _tokens(18, n=10), [(1, "attn"), (1, "mlp")]
+    full = SecondMoments(model, keys)
+    inputs = _statistics_pass(model, windows, 4, 1, full, None, 1)
+    full.remove()
+    assert inputs.layer == 1 and len(inputs.batches) == 3
+    resumed = SecondMoments(model, keys)
+    again = _statistics_pass(model, windows, 4, 1, resumed, inputs, 1)
+    resumed.remove()
+    for key in keys:
+        assert torch.allclose(full.moments(key), resumed.moments(key), rtol=1e-6, atol=1e-7)
+        assert all(torch.equal(a, b) for a, b in zip(full.fold_moments(key), resumed.fold_moments(key), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(inputs.batches, again.batches, strict=True))
+    ids = torch.from_numpy(windows[:2])
+    with torch.no_grad():  # every skipped layer has its own forward back
+        assert torch.equal(model(ids).logits, tiny_model(family, seed=17)(ids).logits)
