@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bonsai.config import PRESETS
 from bonsai.errors import BonsaiError
 
 MODEL_DIR = "data/model"
@@ -37,7 +38,12 @@ ADAPT_EVAL_KEYS = ("eval_data", "eval_windows", "eval_seq_len", "eval_batch_size
 # The defaults of params.yaml; a missing section or key falls back to these.
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "model": {"source": "smollm2-135m"},
-    "calibration": {"source": "self", "n_windows": 8, "seq_len": 128, "seed": 0},
+    "calibration": {
+        "source": "self",
+        "n_windows": PRESETS["fast"]["calib_windows"],
+        "seq_len": PRESETS["fast"]["calib_seq_len"],
+        "seed": 0,
+    },
     "prune": {"preset": "fast", "sparsity": 0.5, "seed": 0},
     "evaluate": {
         "data": "self",
