@@ -1,5 +1,5 @@
 """Issue 5 benchmark: every pruning method on SmolLM2-135M at 20% and 50% in one harness (`bonsai compare`):
-calibration on WikiText-2 valid (the `fast` preset's 8 windows × 128 tokens, shared by every run), perplexity on
+calibration on WikiText-2 valid (the `fast` preset's windows, shared by every run), perplexity on
 WikiText-2 test raw (128 windows × 512 tokens), KL / top-1 agreement to the dense model on the first
 `--reference-windows` of them, and prefill speed-up measured interleaved with the dense model (batch 1, 512
 tokens, median of 5, one torch thread: the machine's cores are shared with other work).

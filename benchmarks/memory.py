@@ -2,7 +2,7 @@
 batch, and the same for the LLM-Pruner-style gradient method (backward passes on purpose).
 
 Three runs of the real entry points, each its own process (so each peak is its own), on SmolLM2-135M with the
-calibration windows of the `fast` preset (8 × 128 tokens of WikiText-2 valid, batch 8):
+calibration windows of the `fast` preset (WikiText-2 valid, batch 8):
 (a) `bonsai eval` of the dense model on those windows (the baseline);
 (b) `bonsai prune --method bonsai --preset fast --sparsity S`;
 (c) `bonsai prune --method llm_pruner --sparsity S`.

@@ -72,6 +72,9 @@ def main() -> None:
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--work", default=str(REPO / "data" / "bench" / "quality_ablation"))
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality_ablation.json"))
+    p.add_argument("--reuse-compare", default=str(REPO / "data" / "bench" / "compare_smollm2"),
+                   help="a `bonsai compare` directory whose finished bonsai runs of the same config are evaluated "
+                        "instead of pruning again (compare_smollm2.py's seed-0 runs)")
     args = p.parse_args()
     if not WIKI_VALID.exists():
         raise SystemExit(f"needs ../shared (WikiText-2): {WIKI_VALID} is absent")
@@ -92,7 +95,11 @@ def main() -> None:
                 flags = [*VARIANTS[name][2], "--seed", str(seed), "--heldout-windows", "0"]
                 run = f"{name}-s{round(sparsity * 100):02d}-seed{seed}"
                 out = work / run
-                record = finished_run(out, prune_config_of(flags, args.model, sparsity))
+                config = prune_config_of(flags, args.model, sparsity)
+                record = finished_run(out, config)
+                compared = Path(args.reuse_compare) / "runs" / f"bonsai-s{round(sparsity * 1000):03d}"
+                if record is None and finished_run(compared, config) is not None:
+                    out, record = compared, finished_run(compared, config)
                 prune = None
                 if record is None:
                     shutil.rmtree(out, ignore_errors=True)
@@ -110,7 +117,8 @@ def main() -> None:
                     "heldout_ppl": json.loads(metrics_json.read_text())["ppl"],
                     "forward_tokens": s["forward_tokens"], "rounds": s["rounds"], "realised_sparsity": s["sparsity"],
                     "calib_ppl": [s["calib_ppl_before"], s["calib_ppl_after"]],
-                    "pruned_by_this_run": prune is not None, "prune_flow_seconds": s["wall_seconds"],
+                    "checkpoint": rel(out), "pruned_by_this_run": prune is not None,
+                    "prune_flow_seconds": s["wall_seconds"],
                     "prune_peak_rss_mib": prune["peak_rss_mib"] if prune else None,
                 }
                 print(json.dumps(row), flush=True)

@@ -13,6 +13,7 @@ import pytest
 from bonsai.architectures import non_embedding_params
 from bonsai.checkpoint import load_for_pruning, read_record, sha256_file
 from bonsai.cli import main
+from bonsai.config import PRESETS
 from bonsai.data import prepare_windows
 from bonsai.evaluate import perplexity
 from bonsai.selection import select_removals
@@ -180,13 +181,29 @@ def test_errors_leave_no_output(tmp_path, capsys, stories_dir):
     _fails(["prune", "--model", str(pickle_dir), *common], capsys, "pickle")
     short = tmp_path / "short.txt"
     short.write_text("Once upon a time there was a cat.\n")
-    _fails(["prune", "--model", str(stories_dir), "--calib", str(short), *common], capsys, "tokens; 8 windows")
+    windows = PRESETS["fast"]["calib_windows"]
+    _fails(["prune", "--model", str(stories_dir), "--calib", str(short), *common], capsys, f"tokens; {windows} windows")
     _fails(
         ["prune", "--model", str(stories_dir), "--sparsity", "0.998", "--out", str(out)],
         capsys,
         "cannot be reached without removing every unit",
     )
     assert not out.exists() and not Path(f"{out}.work").exists()
+
+
+def test_prune_reports_held_out_perplexity_and_continuations(stories_dir, tmp_path, capsys):
+    """The main job's summary: dense -> pruned perplexity on held-out self-generated text, and both models'
+    greedy continuation of one prompt; a bad held-out setting is a one-line error."""
+    out = tmp_path / "o"
+    args = ["prune", "--model", str(stories_dir), "--out", str(out), "--sparsity", "0.2", "--n-samples", "8",
+            "--heldout-windows", "4", "--heldout-seq-len", "64"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    line = next(x for x in text.splitlines() if "held-out perplexity:" in x)
+    dense, pruned = (float(v) for v in line.split(":", 1)[1].split("(")[0].split("->"))
+    assert 1.0 < dense < pruned and "4 windows x 64 tokens" in line
+    assert "dense:  '" in text and "pruned: '" in text
+    _fails([*args[:4], str(tmp_path / "o2"), "--heldout-windows", "-1"], capsys, "--heldout-windows must be >= 0")
 
 
 def test_unknown_architecture(tmp_path, capsys):
