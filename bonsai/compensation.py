@@ -106,14 +106,20 @@ class SecondMoments:
 
 
 def _refit_delta(wb: torch.Tensor, keep_aug: torch.Tensor, moments: torch.Tensor, lams) -> list[torch.Tensor]:
-    """The least-squares update of the kept columns (|K'| of them) for each ridge λ in `lams` (absolute), from
-    one eigendecomposition of the kept inputs' moments."""
+    """The least-squares update of the kept columns (|K'| of them) for each ridge λ in `lams` (absolute): one
+    Cholesky solve per λ (a few times cheaper than one eigendecomposition shared by all of them)."""
     removed = torch.cat([~keep_aug[:-1], torch.tensor([False])])
     a_kk = moments[keep_aug][:, keep_aug]
     rhs = wb[:, removed] @ moments[removed][:, keep_aug]  # (out × |K'|): the removed features seen through K'
-    evals, evecs = torch.linalg.eigh(a_kk)
-    projected = rhs @ evecs
-    return [(projected / (evals.clamp_min(0) + lam)) @ evecs.T for lam in lams]
+    eye = torch.eye(a_kk.shape[0], dtype=a_kk.dtype)
+    out = []
+    for lam in lams:
+        factor, info = torch.linalg.cholesky_ex(a_kk + lam * eye)
+        if info:  # not positive definite in floating point (λ tiny against a huge diagonal): solve it directly
+            out.append(torch.linalg.solve(a_kk + lam * eye, rhs.T).T)
+        else:
+            out.append(torch.cholesky_solve(rhs.T, factor).T)
+    return out
 
 
 def _held_out_error(wb: torch.Tensor, keep_aug: torch.Tensor, delta: torch.Tensor, moments: torch.Tensor) -> float:
