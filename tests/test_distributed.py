@@ -18,7 +18,7 @@ from bonsai.config import PruneConfig, resolve_config
 from bonsai.errors import BonsaiError
 
 KNOBS = ["--sparsity", "0.2", "--seed", "0", "--n-samples", "8", "--shard-size", "2",
-         "--calib-windows", "4", "--calib-seq-len", "64"]
+         "--calib-windows", "4", "--calib-seq-len", "64", "--heldout-windows", "0"]
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 

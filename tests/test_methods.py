@@ -269,7 +269,7 @@ def flow_runs(stories_dir, tmp_path_factory, prefect_harness):
     for method, sparsity in (("flap", "0.3"), ("mosaic_composite", "0.4")):
         out = root / method
         args = ["prune", "--model", str(stories_dir), "--out", str(out), "--sparsity", sparsity, "--seed", "0",
-                "--method", method, "--calib-windows", "4", "--calib-seq-len", "64"]
+                "--method", method, "--calib-windows", "4", "--calib-seq-len", "64", "--heldout-windows", "0"]
         assert main(args) == 0
         outs[method] = out
     return outs

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 def _prune(stories_dir, out, *extra):
-    args = ["prune", "--model", str(stories_dir), "--out", str(out), "--sparsity", "0.5", "--seed", "0", *extra]
+    args = ["prune", "--model", str(stories_dir), "--out", str(out), "--sparsity", "0.5", "--seed", "0",
+            "--heldout-windows", "0", *extra]
     assert main(args) == 0
 
 

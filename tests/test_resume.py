@@ -24,7 +24,7 @@ from bonsai.checkpoint import WEIGHTS_FILE, sha256_file
 # small knobs: 3 rounds of 16 one-sub-model shards on 8 windows × 64 tokens
 N_SAMPLES = 16
 KNOBS = ["--sparsity", "0.2", "--seed", "0", "--n-samples", str(N_SAMPLES), "--shard-size", "1",
-         "--calib-windows", "8", "--calib-seq-len", "64"]
+         "--calib-windows", "8", "--calib-seq-len", "64", "--heldout-windows", "0"]
 RUN_TIMEOUT = 300
 pytestmark = pytest.mark.slow
 
