@@ -64,20 +64,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         "compensation": "none",
     },
     # CPU-friendly defaults: shorter windows, fewer sub-models, larger rounds, the prior-scaled regression (a few
-    # dozen coefficients, so 24 sub-models scored on 4 windows determine them), and a separate statistics budget:
-    # the prior and the compensation read all 32 windows in one pass each while sub-models are scored on the first
-    # 4; after each round the kept o_proj / down_proj columns are refitted (cross-validated ridge). Measured in
-    # benchmarks/results/compare_smollm2.json and quality_ablation.json.
+    # dozen coefficients, so 24 sub-models scored on 2 windows determine them), and a separate statistics budget:
+    # the prior and the compensation read all 16 windows in one pass each while sub-models are scored on the first
+    # 2; after each round the kept o_proj / down_proj columns are refitted (cross-validated ridge). Windows of 256
+    # tokens, not 128: on 128-token windows the sub-model scores undervalue attention (little long-range context
+    # to use) and a 20% prune of SmolLM2 removed 23 KV groups instead of 2, doubling the perplexity on 512-token
+    # windows. Measured in benchmarks/results/compare_smollm2.json and quality_ablation.json.
     "fast": {
         "prior": "wanda",
         "p_iter": 0.1,
         "n_samples": 24,
-        "calib_windows": 32,
-        "calib_seq_len": 128,
+        "calib_windows": 16,
+        "calib_seq_len": 256,
         "utility": "loss",
         "regression": "prior_scaled",
         "module_share": "fixed",
-        "sample_windows": 4,
+        "sample_windows": 2,
         "compensation": "refit",
     },
 }
