@@ -167,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_at_least(*checks: tuple[str, int | None, int]) -> None:
+    """(flag, value, least) each: a given value below its least is a one-line error; None = not given."""
+    for flag, value, least in checks:
+        if value is not None and value < least:
+            raise BonsaiError(f"{flag} must be >= {least}, got {value}")
+
+
 def _print_summary(s: dict) -> None:
     print(
         "\nBonsai prune finished\n"
@@ -195,12 +202,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     }
     overrides.update({key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _) in KNOB_FLAGS.items()})
     cfg = resolve_config(overrides, args.config)
-    for flag, value, least in (
-        ("--heldout-windows", args.heldout_windows, 0),
-        ("--heldout-seq-len", args.heldout_seq_len, 2),
-    ):
-        if value < least:
-            raise BonsaiError(f"{flag} must be >= {least}, got {value}")
+    _check_at_least(("--heldout-windows", args.heldout_windows, 0), ("--heldout-seq-len", args.heldout_seq_len, 2))
     work = Path(args.work_dir or f"{args.out}.work")
     if work.exists() and any(work.iterdir()) and not args.resume:
         raise BonsaiError(f"work directory {work} holds an earlier run; pass --resume to continue it, or remove it")
@@ -255,14 +257,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise BonsaiError(
                 f"unknown zero-shot task(s) {', '.join(unknown)}; choose from {', '.join(ZEROSHOT_TASKS)}"
             )
-    for flag, value, least in (
+    _check_at_least(
         ("--windows", args.windows, 1),
         ("--seq-len", args.seq_len, 2),
         ("--batch-size", args.batch_size, 1),
         ("--limit", args.limit, 1),
-    ):
-        if value is not None and value < least:
-            raise BonsaiError(f"{flag} must be >= {least}, got {value}")
+    )
     metrics = evaluation_flow(
         args.model,
         data=args.data,
@@ -295,13 +295,11 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     check_adaptable(args.pruned, args.out)
     knobs = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in ADAPT_FLAGS.items()}
     cfg = AdaptConfig(**{k: v for k, v in knobs.items() if v is not None}).validate()
-    for flag, value, least in (
+    _check_at_least(
         ("--eval-windows", args.eval_windows, 0),
         ("--eval-seq-len", args.eval_seq_len, 2),
         ("--eval-batch-size", args.eval_batch_size, 1),
-    ):
-        if value is not None and value < least:
-            raise BonsaiError(f"{flag} must be >= {least}, got {value}")
+    )
     work = Path(args.work_dir or f"{args.out}.work")
     if work.exists() and any(work.iterdir()) and not args.resume:
         raise BonsaiError(f"work directory {work} holds an earlier run; pass --resume to continue it, or remove it")
