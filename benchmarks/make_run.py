@@ -47,7 +47,8 @@ def main() -> None:
     wall, peak_kib = (float(x) for x in text.strip().splitlines()[-1].split())
     sparsity = float(re.search(r"^SPARSITY \?= (\S+)", (REPO / "Makefile").read_text(), re.M).group(1))
     # the summary as printed, with this checkout's location left out (the results hold no machine paths)
-    summary_lines = [line.replace(f"{REPO}/", "") for line in text.splitlines() if line.startswith("  ")]
+    summary_lines = [line.replace(f"{REPO}/", "") for line in text.splitlines()
+                     if line.startswith("  ") and line.strip() and "\x1b" not in line]
     metrics = {}
     for name, model in (("dense", str(resolve_model_source("smollm2-135m"))), ("pruned", str(pruned))):
         path = work / f"{name}.eval.json"
