@@ -4,7 +4,7 @@ batch, and the same for the LLM-Pruner-style gradient method (backward passes on
 Three runs of the real entry points, each its own process (so each peak is its own), on SmolLM2-135M with the
 calibration windows of the `fast` preset (WikiText-2 valid, batch 8):
 (a) `bonsai eval` of the dense model on those windows (the baseline);
-(b) `bonsai prune --method bonsai --preset fast --sparsity S`;
+(b) `bonsai prune --method bonsai --preset fast --sparsity S` (without the held-out report, which is an evaluation);
 (c) `bonsai prune --method llm_pruner --sparsity S`.
 Peak of a run = the kernel's high-water mark (VmHWM) of the command's main process, plus the peak of the whole
 process tree (main process + children such as the temporary Prefect API) sampled every 50 ms from /proc.
@@ -110,7 +110,7 @@ def main() -> None:
         runs[method] = measure(bonsai_cmd("prune", "--model", args.model, "--method", method, "--preset", "fast",
                                           "--sparsity", str(args.sparsity), "--calib", calib, "--calib-windows",
                                           str(windows), "--calib-seq-len", str(seq_len), "--batch-size", str(batch),
-                                          "--out", rel(out)),
+                                          "--heldout-windows", "0", "--out", rel(out)),
                                work / f"{method}.log")
         print(method, runs[method], flush=True)
     base, base_tree = runs["dense_eval"]["peak_rss_mib"], runs["dense_eval"]["peak_tree_rss_mib"]
