@@ -22,9 +22,8 @@ from bonsai.shrink import shrink_model
 from bonsai.units import ATTN
 
 # Evaluate a sub-model on sliced weights (`sliced_submodel`) when it drops at least this share of the units'
-# parameters; below it, copying the kept weights costs about what the smaller matmuls save. Measured on
-# SmolLM2-135M, 8 × 128 tokens, batch 8 (benchmarks/eval_throughput.py): sliced runs at 0.96× the masked
-# throughput at an 11% drop, 1.08× at 27%, 1.5× at 54%.
+# parameters; below it, copying the kept weights costs about what the smaller matmuls save (the measured
+# crossover is in benchmarks/results/eval_throughput.json, from benchmarks/eval_throughput.py).
 SLICE_MIN_DROP = 0.15
 
 

@@ -7,8 +7,8 @@ Emptying a module also frees its residual parameters, which count towards the bu
 
 With a channel multiple m > 1, MLP channels go in blocks of m (each module's lowest-β candidates first, the
 first block trimmed so that what stays is a multiple of m), so every layer keeps a hardware-friendly width: GEMM
-kernels work in vector-width panels and an odd width leaves a ragged, slow edge. With m = 8 SmolLM2-135M at 50%
-prefills 1.74x faster than dense, 1.63x without (benchmarks/results/eval_smollm2.json).
+kernels work in vector-width panels and an odd width leaves a ragged, slow edge (the measured prefill speed-ups
+with and without m = 8 are in benchmarks/results/eval_smollm2.json).
 """
 
 from __future__ import annotations
