@@ -11,6 +11,7 @@ from pathlib import Path
 
 from bonsai.config import METHODS, PRESETS, resolve_config
 from bonsai.errors import BonsaiError
+from bonsai.memory import cap_heap_growth
 
 KNOB_FLAGS = {  # flag -> (config key, type)
     "--prior": ("prior", str),
@@ -370,6 +371,7 @@ COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "adapt": cmd_adapt, "compare":
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_services()
+    cap_heap_growth()
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

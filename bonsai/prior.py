@@ -27,6 +27,11 @@ from bonsai.architectures import decoder_layers, group_size, head_dim
 from bonsai.evaluate import window_nll
 from bonsai.units import ATTN, MLP
 
+# Rows of a hooked input turned into float64 at a time. Converting a whole batch (tens of MB per projection, two
+# projections per layer) made the allocator's heap grow by about the model's size over one pass
+# (benchmarks/results/memory.json); chunks of this many rows keep each temporary near one megabyte.
+STAT_ROWS = 128
+
 
 class ActivationStats:
     """Per-feature running sums of the inputs to o_proj and down_proj of every layer (float64)."""
@@ -48,14 +53,16 @@ class ActivationStats:
 
     def _hook(self, key):
         def pre_hook(_module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
             if key not in self.sum:
                 self.sum[key] = torch.zeros(x.shape[-1], dtype=torch.float64)
                 self.sumsq[key] = torch.zeros(x.shape[-1], dtype=torch.float64)
                 self.absmax[key] = torch.zeros(x.shape[-1], dtype=torch.float64)
-            self.sum[key] += x.sum(0).cpu()
-            self.sumsq[key] += (x * x).sum(0).cpu()
-            torch.maximum(self.absmax[key], x.abs().amax(0).cpu(), out=self.absmax[key])
+            for rows in x.split(STAT_ROWS):
+                rows = rows.double()
+                self.sum[key] += rows.sum(0).cpu()
+                self.sumsq[key] += (rows * rows).sum(0).cpu()
+                torch.maximum(self.absmax[key], rows.abs().amax(0).cpu(), out=self.absmax[key])
 
         return pre_hook
 

@@ -27,6 +27,7 @@ from bonsai.compensation import compensate_and_shrink
 from bonsai.data import load_windows
 from bonsai.evaluate import kl_to_reference, mean_nll, reference_log_probs, window_nll
 from bonsai.masking import SLICE_MIN_DROP, UnitMasker, dropped_share, sliced_submodel
+from bonsai.memory import cap_heap_growth
 from bonsai.prior import collect_activation_stats, massive_units, unit_prior
 from bonsai.regression import estimate_importance
 from bonsai.sampling import candidate_mask, sample_masks
@@ -63,6 +64,7 @@ def _match_dask_threads() -> None:
     except ValueError:  # not running in a Dask worker: the process's own torch setting stands
         return
     torch.set_num_threads(worker.state.nthreads)
+    cap_heap_growth()  # the worker process runs its own forward passes (bonsai/memory.py)
 
 
 @lru_cache(maxsize=1)

@@ -43,3 +43,34 @@ def test_release_free_memory_reports_whether_it_can_trim():
     libc = ctypes.util.find_library("c")
     has_trim = libc is not None and hasattr(ctypes.CDLL(libc), "malloc_trim")
     assert release_free_memory() is has_trim
+
+
+_AFTER_A_LARGE_FREE = """
+import sys, torch
+from bonsai.memory import cap_heap_growth
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+if sys.argv[1] == "cap":
+    assert cap_heap_growth()
+big = torch.ones(24 << 18)  # 24 MiB: glibc's own threshold rises to this block once it is freed
+del big
+block = torch.ones(12 << 18)  # 12 MiB, touched
+before = rss()
+del block
+print((before - rss()) >> 20)
+"""
+
+
+@needs_proc
+@pytest.mark.skipif(ctypes.util.find_library("c") is None, reason="needs the C library's mallopt (glibc)")
+def test_capped_heap_returns_a_large_block_when_it_is_freed():
+    import subprocess
+    import sys
+
+    returned = {
+        mode: int(subprocess.run([sys.executable, "-c", _AFTER_A_LARGE_FREE, mode], check=True, capture_output=True,
+                                 text=True).stdout)
+        for mode in ("cap", "default")
+    }
+    assert returned["cap"] >= 11  # its own mapping, unmapped at once
+    assert returned["default"] < 11  # glibc's rising threshold kept it in the heap: the behaviour the cap removes

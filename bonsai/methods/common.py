@@ -23,6 +23,7 @@ from torch import nn
 from bonsai.architectures import decoder_layers, embedding_params, non_embedding_params
 from bonsai.errors import BonsaiError
 from bonsai.evaluate import window_nll
+from bonsai.prior import STAT_ROWS
 from bonsai.remote.modeling_bonsai import EmptyAttention, EmptyMLP
 from bonsai.selection import check_reachable, removable_params, select_removals
 
@@ -109,8 +110,8 @@ class ProjectionInputNorms:
 
     def _hook(self, key):
         def pre_hook(_module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            sq = (x * x).sum(0).cpu()
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            sq = sum((rows.double() ** 2).sum(0).cpu() for rows in x.split(STAT_ROWS))
             self.sumsq[key] = sq if key not in self.sumsq else self.sumsq[key] + sq
 
         return pre_hook
