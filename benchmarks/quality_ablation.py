@@ -39,6 +39,8 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
     "small_statistics": ("1 statistics budget", "the previous windows: prior and refit on 8 x 128 tokens, "
                          "sub-models on the first 4", ["--calib-windows", "8", "--calib-seq-len", "128",
                                                        "--sample-windows", "4"]),
+    "per_unit_regression": ("2 allocation", "a free ridge coefficient per unit instead of the prior scaled per "
+                            "(layer, module) by the sub-model scores", ["--regression", "ridge"]),
     "loss_utility": ("3 utility", "-mean NLL instead of -KL to the dense model", ["--utility", "loss"]),
     "kl_utility": ("3 utility", "-KL to the dense model instead of -mean NLL", ["--utility", "kl"]),
 }
