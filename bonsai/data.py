@@ -3,8 +3,11 @@
 Pipeline: a text source (local ``.txt``/``.tokens``/``.raw``/``.jsonl``/``.parquet`` file, a
 ``datasets.save_to_disk`` directory, or a hub spec ``hf:NAME[:CONFIG][@SPLIT]``) is read into documents
 (:func:`read_text_source`), tokenised into one flat id stream (:func:`tokenize_stream`) and cut into
-non-overlapping windows of exactly ``seq_len`` tokens (:func:`make_windows`). The source ``"self"`` instead
-samples text from the model itself (:func:`generate_self_text`, data-free calibration).
+non-overlapping windows of exactly ``seq_len`` tokens (:func:`make_windows`). Windows start the way the model
+expects (:func:`window_bos`): where its tokenizer adds a BOS token, or its family needs one, every window is BOS
+followed by ``seq_len - 1`` text tokens (position 0 is never a prediction target, so BOS is never scored); otherwise
+the stream is cut as it is. The source ``"self"`` instead samples text from the model itself, each sequence
+starting at BOS (:func:`generate_self_text`, data-free calibration).
 :func:`prepare_windows` ties these together and returns provenance metadata; :func:`save_windows` and
 :func:`load_windows` persist windows as a Parquet table with the metadata in the schema.
 
@@ -43,6 +46,9 @@ DOC_SEPARATOR = "\n\n"
 # Characters of text per tokenizer call element; chunks are batched so fast tokenizers encode in parallel.
 _CHUNK_CHARS = 1 << 16
 _CHUNKS_PER_CALL = 32
+# Families trained with BOS at position 0 whose outputs go off-distribution without it, whatever the tokenizer's
+# add-BOS flag says (a tokenizer converted from GGUF may not carry that flag).
+BOS_FAMILIES = ("gemma", "gemma2", "gemma3", "gemma3_text")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -234,8 +240,21 @@ def _encode_batch(tokenizer: Any, chunks: list[str]) -> list[list[int]]:
     return list(encoded["input_ids"])
 
 
-def tokenize_stream(tokenizer: Any, texts: list[str]) -> np.ndarray:
-    """Token ids (int64) of ``"\\n\\n".join(texts)``, with one BOS at the very start if the tokenizer has one.
+def window_bos(tokenizer: Any, model_type: str | None = None) -> int | None:
+    """The BOS id every window starts with, or None to cut windows from the stream as it is: BOS when the
+    tokenizer adds it on its own (its ``add_special_tokens`` encoding starts with it) or the family needs it."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    if model_type in BOS_FAMILIES:
+        return int(bos)
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return int(bos) if len(probe) and probe[0] == bos else None
+
+
+def tokenize_stream(tokenizer: Any, texts: list[str], *, leading_bos: bool = True) -> np.ndarray:
+    """Token ids (int64) of ``"\\n\\n".join(texts)``, with one BOS at the very start if the tokenizer has one
+    and ``leading_bos`` (windows that carry their own BOS take the stream without it).
 
     No other special tokens are added. The text is encoded in chunks (split between documents) that are
     batched per tokenizer call, so no giant string is built and fast tokenizers encode in parallel.
@@ -243,7 +262,7 @@ def tokenize_stream(tokenizer: Any, texts: list[str]) -> np.ndarray:
     if not texts:
         raise BonsaiError("no text to tokenise")
     pieces: list[np.ndarray] = []
-    bos = getattr(tokenizer, "bos_token_id", None)
+    bos = getattr(tokenizer, "bos_token_id", None) if leading_bos else None
     if bos is not None:
         pieces.append(np.asarray([bos], dtype=np.int64))
     batch: list[str] = []
@@ -351,34 +370,42 @@ def generate_self_text(
 # --------------------------------------------------------------------------------------------------------
 
 
-def make_windows(stream: np.ndarray, n_windows: int, seq_len: int, seed: int, *, sample: bool) -> np.ndarray:
+def make_windows(
+    stream: np.ndarray, n_windows: int, seq_len: int, seed: int, *, sample: bool, bos: int | None = None
+) -> np.ndarray:
     """``n_windows`` non-overlapping windows of exactly ``seq_len`` tokens, shape (n_windows, seq_len), int64.
 
-    The stream is split into ``len // seq_len`` consecutive chunks. ``sample=True`` (calibration) picks
-    ``n_windows`` chunks at random without replacement using a NumPy generator seeded with ``seed``
-    (returned in stream order); ``sample=False`` (evaluation) takes the first ``n_windows`` chunks in order.
+    The stream is split into consecutive chunks of ``seq_len`` tokens, or of ``seq_len - 1`` when ``bos`` is
+    given, each chunk then prefixed with it. ``sample=True`` (calibration) picks ``n_windows`` chunks at random
+    without replacement using a NumPy generator seeded with ``seed`` (returned in stream order);
+    ``sample=False`` (evaluation) takes the first ``n_windows`` chunks in order.
     """
     stream = np.asarray(stream)
     if stream.ndim != 1:
         raise BonsaiError(f"token stream must be one-dimensional, got shape {stream.shape}")
     if n_windows < 1:
         raise BonsaiError(f"number of windows must be >= 1, got {n_windows}")
-    if seq_len < 1:
-        raise BonsaiError(f"window length must be >= 1, got {seq_len}")
-    n_chunks = len(stream) // seq_len
+    if seq_len < (1 if bos is None else 2):
+        raise BonsaiError(f"window length must be >= {1 if bos is None else 2}, got {seq_len}")
+    text_len = seq_len if bos is None else seq_len - 1
+    n_chunks = len(stream) // text_len
     if n_chunks < n_windows:
         what = "calibration" if sample else "evaluation"
         raise BonsaiError(
-            f"{what} text has {len(stream):,} tokens; {n_windows:,} windows × {seq_len:,} tokens "
-            f"need {n_windows * seq_len:,}"
+            f"{what} text has {len(stream):,} tokens; {n_windows:,} windows × {text_len:,} tokens"
+            f"{' after their BOS' if bos is not None else ''} "
+            f"need {n_windows * text_len:,}"
         )
-    chunks = stream[: n_chunks * seq_len].reshape(n_chunks, seq_len)
+    chunks = stream[: n_chunks * text_len].reshape(n_chunks, text_len)
     if sample:
         rng = np.random.default_rng(seed)
         picked = np.sort(rng.choice(n_chunks, size=n_windows, replace=False))
     else:
         picked = np.arange(n_windows)
-    return np.ascontiguousarray(chunks[picked], dtype=np.int64)
+    windows = chunks[picked]
+    if bos is not None:
+        windows = np.concatenate([np.full((n_windows, 1), bos, dtype=np.int64), windows], axis=1)
+    return np.ascontiguousarray(windows, dtype=np.int64)
 
 
 def _hash_path(path: Path) -> str:
@@ -423,12 +450,14 @@ def prepare_windows(
     seed: int,
     purpose: str,
     model: Any = None,
+    model_type: str | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Token windows for calibration (sampled) or evaluation (first chunks), plus provenance metadata.
 
     ``source == "self"`` samples ``n_windows`` sequences of ``seq_len`` tokens from ``model`` (required);
     evaluation uses the seed ``seed + 1_000_003`` so it never repeats the calibration text. Any other source
-    goes through :func:`read_text_source`, :func:`tokenize_stream` and :func:`make_windows`.
+    goes through :func:`read_text_source`, :func:`tokenize_stream` and :func:`make_windows`, with the BOS of
+    :func:`window_bos` (``model_type``: the model's family, else ``model``'s config says it) at each window's start.
     """
     if purpose not in PURPOSES:
         raise BonsaiError(f"unknown purpose {purpose!r}; choose one of {', '.join(PURPOSES)}")
@@ -447,11 +476,15 @@ def prepare_windows(
             "generator": "ancestral sampling, temperature 1.0",
             "model": getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None),
         }
+        bos_first = bool(windows[:, 0].min() == windows[:, 0].max() == getattr(tokenizer, "bos_token_id", None))
     else:
         texts = read_text_source(source)
-        stream = tokenize_stream(tokenizer, texts)
+        model_type = model_type or getattr(getattr(model, "config", None), "model_type", None)
+        bos = window_bos(tokenizer, model_type)
+        stream = tokenize_stream(tokenizer, texts, leading_bos=bos is None)
         n_tokens = int(stream.size)
-        windows = make_windows(stream, n_windows, seq_len, seed, sample=sample)
+        windows = make_windows(stream, n_windows, seq_len, seed, sample=sample, bos=bos)
+        bos_first = bos is not None
         path = Path(source)
         digest = _hash_path(path) if path.exists() else _hash_texts(texts)
         extra = {"n_documents": len(texts)}
@@ -463,6 +496,8 @@ def prepare_windows(
         "seed": int(seed),
         "n_tokens_available": n_tokens,
         "source_sha256": digest,
+        # every window starts with the BOS token (a text file's windows: by window_bos; self text: its start token)
+        "bos_per_window": bos_first,
         **_tokenizer_meta(tokenizer),
         **extra,
     }

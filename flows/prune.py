@@ -82,6 +82,7 @@ def prune_flow(config: PruneConfig, out: str, work_dir: str | None = None, overw
             "seq_len": windows["seq_len"],
             "seed": cfg.seed,
             "windows_sha256": windows["sha256"],
+            "bos_per_window": windows["bos_per_window"],
         },
     }
     if cfg.method != "bonsai":  # a one-shot method (bonsai/methods/): one task, the same checkpoint and summary

@@ -8,10 +8,10 @@ from types import SimpleNamespace
 
 from prefect import get_run_logger, task
 
-from bonsai.architectures import family_of
+from bonsai.architectures import PRUNED_TYPES, family_of
 from bonsai.artifacts import content_key, record_artifact
 from bonsai.checkpoint import is_pruned_checkpoint, load_for_pruning, read_record, sha256_file
-from bonsai.data import SELF_SOURCE, prepare_windows, save_windows
+from bonsai.data import SELF_SOURCE, load_windows, prepare_windows, save_windows, window_bos
 from bonsai.sources import load_tokenizer, model_fingerprint, resolve_model_source
 from tasks.prune_tasks import TASK_OPTS, _reuse
 
@@ -34,21 +34,25 @@ def prepare_windows_task(
     model: dict, source: str, n_windows: int, seq_len: int, seed: int, purpose: str, out_dir: str
 ) -> dict:
     """Token windows (Parquet) for calibration or evaluation; `self` samples text from `model`."""
-    key = content_key(model["sha256"], _source_digest(source), n_windows, seq_len, seed, purpose)
+    tokenizer = load_tokenizer(Path(model["path"]))
+    model_type = json.loads((Path(model["path"]) / "config.json").read_text()).get("model_type")
+    bos = window_bos(tokenizer, PRUNED_TYPES.get(model_type, model_type))
+    key = content_key(model["sha256"], _source_digest(source), n_windows, seq_len, seed, purpose, f"bos={bos}")
     path = Path(out_dir) / f"{purpose}-{key}.parquet"
     sha = _reuse(path, f"{purpose} windows")
     if sha is None:
         # only self-generated text needs the weights; a text file needs the tokenizer alone
         loaded = load_for_pruning(model["path"], in_memory=False)[0] if source == SELF_SOURCE else None
-        tokenizer = load_tokenizer(Path(model["path"]))
         if is_pruned_checkpoint(model["path"]) and source == SELF_SOURCE:
             get_run_logger().warning("self-generated %s text comes from the pruned model itself", purpose)
         windows, meta = prepare_windows(
-            source, tokenizer, n_windows=n_windows, seq_len=seq_len, seed=seed, purpose=purpose, model=loaded
+            source, tokenizer, n_windows=n_windows, seq_len=seq_len, seed=seed, purpose=purpose, model=loaded,
+            model_type=PRUNED_TYPES.get(model_type, model_type),
         )
         save_windows(path, windows, meta)
         sha = record_artifact(path)
-    return {"path": str(path), "sha256": sha, "n_windows": n_windows, "seq_len": seq_len, "source": source}
+    return {"path": str(path), "sha256": sha, "n_windows": n_windows, "seq_len": seq_len, "source": source,
+            "bos_per_window": bool(load_windows(path)[1].get("bos_per_window", False))}
 
 
 def record_source(path: str) -> str | None:

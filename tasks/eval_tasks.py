@@ -23,7 +23,7 @@ def evaluate_task(
     be written (by the flow, once every metric is in)."""
     loaded, _, _ = load_for_pruning(model["path"], in_memory=False)  # read-only: map, touch only what is used
     ref = load_for_pruning(reference["path"], in_memory=False)[0] if reference else None
-    win, _ = load_windows(windows["path"])
+    win, win_meta = load_windows(windows["path"])
     summary = evaluation_summary(loaded, win, batch_size=batch_size, reference=ref)
     per_window = summary.pop("per_window")
     metrics = {
@@ -32,6 +32,7 @@ def evaluate_task(
         "model_sha256": model["sha256"],
         "data": windows["source"],
         "windows_sha256": windows["sha256"],
+        "bos_per_window": bool(win_meta.get("bos_per_window", False)),
         "reference": reference["source"] if reference else None,
     }
     if json_path:

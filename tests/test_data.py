@@ -24,6 +24,7 @@ from bonsai.data import (
     read_text_source,
     save_windows,
     tokenize_stream,
+    window_bos,
 )
 from bonsai.errors import BonsaiError
 
@@ -310,8 +311,11 @@ def test_prepare_windows_from_text_file(tmp_path):
     cal2, _ = prepare_windows(str(p), tok, n_windows=6, seq_len=50, seed=1, purpose="calibration")
     ev, ev_meta = prepare_windows(str(p), tok, n_windows=6, seq_len=50, seed=1, purpose="evaluation")
     np.testing.assert_array_equal(cal, cal2)
-    stream = tokenize_stream(tok, read_text_source(str(p)))
-    np.testing.assert_array_equal(ev, stream[:300].reshape(6, 50))
+    # the fake tokenizer adds BOS: every window is BOS + the next 49 tokens of the stream (which has no BOS)
+    stream = tokenize_stream(tok, read_text_source(str(p)), leading_bos=False)
+    np.testing.assert_array_equal(ev[:, 1:], stream[:294].reshape(6, 49))
+    assert (ev[:, 0] == 1).all() and (cal[:, 0] == 1).all() and (cal[:, 1:] != 1).all()
+    assert meta["bos_per_window"] and ev_meta["bos_per_window"]
     assert meta["source"] == str(p)
     assert meta["purpose"] == "calibration" and ev_meta["purpose"] == "evaluation"
     assert (meta["n_windows"], meta["seq_len"], meta["seed"]) == (6, 50, 1)
@@ -325,6 +329,47 @@ def test_prepare_windows_from_text_file(tmp_path):
     with pytest.raises(BonsaiError) as exc:
         prepare_windows(str(p), tok, n_windows=1000, seq_len=50, seed=1, purpose="calibration")
     assert _one_line(exc).startswith("calibration text has ")
+
+
+class NoBosTokenizer(FakeTokenizer):
+    """Has a BOS token but, like GPT-2-style tokenizers, does not add it when encoding."""
+
+    def __call__(self, texts, add_special_tokens=True, **kwargs):
+        return super().__call__(texts, add_special_tokens=False, **kwargs)
+
+
+def test_window_bos_follows_the_tokenizer_and_the_family():
+    assert window_bos(FakeTokenizer()) == 1  # adds BOS when encoding
+    assert window_bos(FakeTokenizer(bos=None)) is None
+    assert window_bos(NoBosTokenizer()) is None  # has one, never adds it: windows stay as cut
+    assert window_bos(NoBosTokenizer(), "gemma3_text") == 1  # Gemma needs it whatever the tokenizer says
+    assert window_bos(FakeTokenizer(bos=None), "gemma3_text") is None  # nothing to put there
+
+
+def test_windows_without_bos_policy_are_cut_from_the_stream_as_before(tmp_path):
+    p = tmp_path / "corpus.txt"
+    p.write_text("\n".join(f"line number {i} with some words" for i in range(300)), encoding="utf-8")
+    tok = NoBosTokenizer()
+    ev, meta = prepare_windows(str(p), tok, n_windows=6, seq_len=50, seed=1, purpose="evaluation")
+    stream = tokenize_stream(tok, read_text_source(str(p)))
+    assert stream[0] == 1  # the stream's one BOS at the very start, as before
+    np.testing.assert_array_equal(ev, stream[:300].reshape(6, 50))
+    assert not meta["bos_per_window"]
+    gemma, gemma_meta = prepare_windows(str(p), tok, n_windows=6, seq_len=50, seed=1, purpose="evaluation",
+                                        model_type="gemma3_text")
+    assert (gemma[:, 0] == 1).all() and (gemma[:, 1:] != 1).all() and gemma_meta["bos_per_window"]
+
+
+def test_make_windows_with_bos_keeps_chunks_disjoint():
+    stream = np.arange(10, 1_010)
+    w = make_windows(stream, 5, 100, seed=0, sample=True, bos=1)
+    assert w.shape == (5, 100) and (w[:, 0] == 1).all()
+    chunks = stream[: (1_000 // 99) * 99].reshape(-1, 99)
+    for row in w[:, 1:]:
+        assert any((row == c).all() for c in chunks)  # a whole text chunk after the BOS
+    assert len({int(r[1]) for r in w}) == 5  # no chunk twice
+    with pytest.raises(BonsaiError, match="window length must be >= 2"):
+        make_windows(stream, 1, 1, seed=0, sample=False, bos=1)
 
 
 def test_prepare_windows_self_needs_model():
