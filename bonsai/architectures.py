@@ -58,14 +58,37 @@ def group_size(config) -> int:
     return config.num_attention_heads // config.num_key_value_heads
 
 
+def query_head_units(config) -> bool:
+    """One-KV-head policy: in a model whose layers share one KV head between all query heads (Gemma-3's small
+    models), a KV-group unit would be the layer's whole attention, so the attention units are the query heads
+    instead (rows of q, columns of o). k / v (and q / k norms, o's bias) belong to the module and go when its
+    last query head goes. With more than one KV head, units stay KV groups: query heads cannot leave a group
+    without making the groups unequal."""
+    return config.num_key_value_heads == 1 and config.num_attention_heads > 1
+
+
+def unit_heads(config) -> int:
+    """Query heads per attention unit: a KV group's, or 1 under the one-KV-head policy."""
+    return 1 if query_head_units(config) else group_size(config)
+
+
+def attn_unit_rows(config) -> tuple[str, ...]:
+    """The attention projections whose output rows an attention unit owns (o_proj's input columns in every case):
+    q, k and v for a KV group; q alone for a query head."""
+    return ("q_proj",) if query_head_units(config) else ("q_proj", "k_proj", "v_proj")
+
+
 def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def attn_groups(layer: nn.Module, config) -> int:
-    """KV groups currently present in a layer."""
+    """Attention units currently present in a layer: KV groups, or query heads under `query_head_units`."""
     attn = layer.self_attn
-    return 0 if isinstance(attn, EmptyAttention) else attn.k_proj.out_features // head_dim(config)
+    if isinstance(attn, EmptyAttention):
+        return 0
+    kept = attn.q_proj if query_head_units(config) else attn.k_proj
+    return kept.out_features // head_dim(config)
 
 
 def mlp_channels(layer: nn.Module) -> int:

@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from bonsai.architectures import decoder_layers, group_size, head_dim
+from bonsai.architectures import decoder_layers, head_dim, unit_heads
 from bonsai.config import COMPENSATIONS
 from bonsai.shrink import shrink_model
 from bonsai.units import ATTN
@@ -58,7 +58,7 @@ def target_projection(model: nn.Module, layer: int, kind: str) -> nn.Linear:
 
 def unit_width(model: nn.Module, kind: str) -> int:
     """Input features of o_proj / down_proj per unit: a KV group's query-head features, or one channel."""
-    return group_size(model.config) * head_dim(model.config) if kind == ATTN else 1
+    return unit_heads(model.config) * head_dim(model.config) if kind == ATTN else 1
 
 
 class SecondMoments:

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from bonsai.architectures import decoder_layers, group_size, head_dim
+from bonsai.architectures import decoder_layers, head_dim, unit_heads
 from bonsai.shrink import shrink_model
 from bonsai.units import ATTN
 
@@ -47,16 +47,17 @@ def sliced_submodel(
     saved = []
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
-        saved.append((layer, attn, mlp, dict(attn._modules), dict(mlp._modules), dict(vars(mlp))))
+        saved.append((layer, attn, mlp, dict(attn._modules), dict(mlp._modules), dict(vars(attn)), dict(vars(mlp))))
     try:
         shrink_model(model, units, ~keep, kept)
         yield model
     finally:
-        for layer, attn, mlp, attn_modules, mlp_modules, mlp_vars in saved:
+        for layer, attn, mlp, attn_modules, mlp_modules, attn_vars, mlp_vars in saved:
             attn._modules.clear()
             attn._modules.update(attn_modules)
             mlp._modules.clear()
             mlp._modules.update(mlp_modules)
+            vars(attn).update(attn_vars)  # e.g. num_key_value_groups, which shrink_model rewrites for query heads
             vars(mlp).update(mlp_vars)  # e.g. intermediate_size, which shrink_model rewrites
             layer.self_attn, layer.mlp = attn, mlp
 
@@ -71,7 +72,7 @@ class UnitMasker:
     def __init__(self, model: nn.Module, units: pd.DataFrame):
         self.model = model
         layers = decoder_layers(model)
-        width = {ATTN: group_size(model.config) * head_dim(model.config), "mlp": 1}
+        width = {ATTN: unit_heads(model.config) * head_dim(model.config), "mlp": 1}
         self._targets: list[tuple[nn.Module, np.ndarray, int]] = []
         for (layer, kind), rows in units.groupby(["layer", "kind"], sort=True):
             module = layers[layer].self_attn.o_proj if kind == ATTN else layers[layer].mlp.down_proj

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from bonsai.architectures import decoder_layers, group_size, head_dim
+from bonsai.architectures import attn_unit_rows, decoder_layers, head_dim, unit_heads
 from bonsai.evaluate import window_nll
 from bonsai.units import ATTN, MLP
 
@@ -98,7 +98,7 @@ MASSIVE_FACTOR = 100.0
 
 def massive_units(model: nn.Module, units: pd.DataFrame, stats: ActivationStats) -> np.ndarray:
     """Bool per unit: some feature of the unit has a peak |activation| >= MASSIVE_FACTOR x its module's median."""
-    width = {ATTN: group_size(model.config) * head_dim(model.config), MLP: 1}
+    width = {ATTN: unit_heads(model.config) * head_dim(model.config), MLP: 1}
     out = np.zeros(len(units), dtype=bool)
     for (li, kind), rows in units.groupby(["layer", "kind"], sort=True):
         peak = stats.absmax[(li, kind)]
@@ -124,13 +124,13 @@ def unit_prior(
     if method == "random":
         return np.random.default_rng(seed).random(len(units))
     layers = decoder_layers(model)
-    width = {ATTN: group_size(model.config) * head_dim(model.config), MLP: 1}
+    width = {ATTN: unit_heads(model.config) * head_dim(model.config), MLP: 1}
     prior = np.zeros(len(units), dtype=np.float64)
     for (li, kind), rows in units.groupby(["layer", "kind"], sort=True):
         layer = layers[li]
         order = rows.sort_values("index")
         if method == "magnitude":
-            scores = _magnitude(layer, kind, len(order), width[kind])
+            scores = _magnitude(layer, kind, len(order), attn_unit_rows(model.config))
         else:
             if stats is None:
                 raise ValueError(f"prior {method!r} needs activation statistics")
@@ -141,15 +141,14 @@ def unit_prior(
     return prior
 
 
-def _magnitude(layer: nn.Module, kind: str, n: int, width: int) -> np.ndarray:
+def _magnitude(layer: nn.Module, kind: str, n: int, owned_rows: tuple[str, ...]) -> np.ndarray:
     if kind == ATTN:
         a = layer.self_attn
-        q = a.q_proj.weight.detach().abs().double().reshape(n, -1).sum(1)
-        k = a.k_proj.weight.detach().abs().double().reshape(n, -1).sum(1)
-        v = a.v_proj.weight.detach().abs().double().reshape(n, -1).sum(1)
-        o = a.o_proj.weight.detach().abs().double().T.reshape(n, -1).sum(1)
-        count = a.q_proj.weight[:width].numel() * 2 + 2 * a.k_proj.weight.numel() // n
-        return ((q + k + v + o) / count).numpy()
+        owned = [getattr(a, name).weight.detach() for name in owned_rows]
+        total = sum(w.abs().double().reshape(n, -1).sum(1) for w in owned)
+        total = total + a.o_proj.weight.detach().abs().double().T.reshape(n, -1).sum(1)
+        count = (sum(w.numel() for w in owned) + a.o_proj.weight.numel()) // n
+        return (total / count).numpy()
     m = layer.mlp
     total = (
         m.gate_proj.weight.detach().abs().double().sum(1)

@@ -119,10 +119,13 @@ def _bytes(n: Any) -> str:
 
 def original_shapes_from_config(config: Any) -> list[dict[str, int]]:
     """Per-layer unit counts of the unpruned model, from its (stock) config object or dict: ``attn_groups`` =
-    ``num_key_value_heads`` (or ``num_attention_heads``), ``mlp_channels`` = ``intermediate_size``."""
+    ``num_key_value_heads`` (or ``num_attention_heads``; the query heads when there is one KV head, whose units
+    they are), ``mlp_channels`` = ``intermediate_size``."""
     get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
     n_layers = get("num_hidden_layers")
     kv = get("num_key_value_heads") or get("num_attention_heads")
+    if kv == 1:
+        kv = get("num_attention_heads")
     inter = get("intermediate_size")
     if not n_layers or not kv or not inter:
         raise BonsaiError("config lacks num_hidden_layers / num_key_value_heads / intermediate_size")

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from bonsai.architectures import decoder_layers, group_size, head_dim
+from bonsai.architectures import decoder_layers, head_dim, query_head_units, unit_heads
 from bonsai.remote.modeling_bonsai import EmptyAttention, EmptyMLP
 from bonsai.units import ATTN
 
@@ -50,7 +50,8 @@ def shrink_model(
     """Remove the units flagged in `remove` (bool per unit-table row) in place; return the updated `kept`
     record (original indices still present, per kind and layer)."""
     layers = decoder_layers(model)
-    hd, gs = head_dim(model.config), group_size(model.config)
+    hd, uh = head_dim(model.config), unit_heads(model.config)
+    shared_kv = query_head_units(model.config)
     new_kept = {kind: [list(v) for v in per_layer] for kind, per_layer in kept.items()}
     for (li, kind), rows in units.groupby(["layer", "kind"], sort=True):
         rows = rows.sort_values("index")
@@ -65,11 +66,15 @@ def shrink_model(
             if len(keep_pos) == 0:
                 layer.self_attn = EmptyAttention(attn.layer_idx, hd)
                 continue
-            q_idx, kv_idx = _feature_index(keep_pos, gs * hd), _feature_index(keep_pos, hd)
+            q_idx = _feature_index(keep_pos, uh * hd)
             attn.q_proj = _slice_linear(attn.q_proj, rows=q_idx)
-            attn.k_proj = _slice_linear(attn.k_proj, rows=kv_idx)
-            attn.v_proj = _slice_linear(attn.v_proj, rows=kv_idx)
             attn.o_proj = _slice_linear(attn.o_proj, cols=q_idx)
+            if shared_kv:  # query heads left the one KV group: every kept head still reads the shared k / v
+                attn.num_key_value_groups = len(keep_pos)
+            else:
+                kv_idx = _feature_index(keep_pos, hd)
+                attn.k_proj = _slice_linear(attn.k_proj, rows=kv_idx)
+                attn.v_proj = _slice_linear(attn.v_proj, rows=kv_idx)
         else:
             mlp = layer.mlp
             if len(keep_pos) == 0:

@@ -290,14 +290,17 @@ def _param_info(model: nn.Module) -> dict[str, Any]:
 def _kv_cache_bytes(model: nn.Module, positions: int) -> int | None:
     """Bytes of keys and values a full-attention KV cache holds after `positions` tokens (what the last decode
     step reads); None for a model without the family accessors."""
-    from bonsai.architectures import attn_groups, decoder_layers, head_dim
+    from bonsai.architectures import attn_groups, decoder_layers, head_dim, query_head_units
 
     try:
         layers, width = decoder_layers(model), head_dim(model.config)
     except Exception:  # not a supported family
         return None
     size = next(model.parameters()).element_size()
-    return sum(2 * attn_groups(layer, model.config) * width * positions * size for layer in layers)
+    heads = [attn_groups(layer, model.config) for layer in layers]
+    if query_head_units(model.config):  # units are query heads over one shared KV head
+        heads = [min(h, 1) for h in heads]
+    return sum(2 * h * width * positions * size for h in heads)
 
 
 def _median(xs: list[float]) -> float:

@@ -287,3 +287,40 @@ def test_masked_equals_sliced_on_real_stories260k(stories_dir):
         # BLAS kernels (1.9e-5 on logits of this size on an AMD EPYC); a wrong slice is off by far more
         torch.testing.assert_close(masked, model(ids).logits, rtol=1e-5, atol=5e-5)
     assert before - total_params(model) == _expected_drop(units, ~keep)
+
+
+def test_one_kv_head_model_prunes_query_heads_over_the_shared_kv_head(tmp_path):
+    """Gemma-3-style layers with one KV head: the attention units are the query heads, priced as their q rows and
+    o columns; k / v stay (and are priced into the module's residual) until the last query head goes."""
+    model = tiny_model("gemma3_text")
+    cfg = model.config
+    assert cfg.num_key_value_heads == 1 and cfg.num_attention_heads == 4
+    units = unit_table(model)
+    attn0 = units[(units.layer == 0) & (units.kind == ATTN)]
+    hd, hidden = cfg.head_dim, cfg.hidden_size
+    assert len(attn0) == 4  # one unit per query head, not one block per layer
+    assert (attn0.cost == 2 * hd * hidden).all()  # a head's q rows + o columns (no biases in Gemma-3)
+    a = model.model.layers[0].self_attn
+    shared = a.k_proj.weight.numel() + a.v_proj.weight.numel() + sum(p.numel() for p in a.q_norm.parameters())
+    assert int(attn0.residual.iloc[0]) == shared + sum(p.numel() for p in a.k_norm.parameters())
+
+    remove = np.zeros(len(units), dtype=bool)
+    remove[attn0.unit.to_numpy()[:3]] = True  # layer 0 keeps one query head
+    remove[units.index[(units.layer == 1) & (units.kind == ATTN)]] = True  # layer 1 loses its attention
+    ids = torch.randint(0, cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), UnitMasker(model, units) as masker:
+        masker.set(~remove)
+        masked = model(ids).logits
+    before = total_params(model)
+    kept = shrink_model(model, units, remove, full_kept(model))
+    a = model.model.layers[0].self_attn
+    assert (a.q_proj.out_features, a.k_proj.out_features, a.num_key_value_groups) == (hd, hd, 1)
+    assert kept["attn"] == [[3], []]
+    assert before - total_params(model) == _expected_drop(units, remove)
+    with torch.no_grad():
+        assert (model(ids).logits - masked).abs().max().item() <= 1e-5
+    out = save_pruned(model, None, tmp_path / "pruned", {"kept_units": kept})
+    assert json.loads((out / "config.json").read_text())["bonsai_layers"][0]["attn_groups"] == 1
+    with torch.no_grad():
+        assert torch.equal(load_pruned_model(out)(ids).logits, model(ids).logits)
+    assert len(unit_table(model, kept)[lambda t: t.kind == ATTN]) == 1  # the kept head, priced the same way

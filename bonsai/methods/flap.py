@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from bonsai.architectures import decoder_layers, group_size, head_dim
+from bonsai.architectures import decoder_layers, head_dim, unit_heads
 from bonsai.compensation import compensate_and_shrink
 from bonsai.methods.common import MethodResult, check_sizes, global_select, removed_counts, target_removed
 from bonsai.prior import ActivationStats, _per_feature_score, collect_activation_stats
@@ -35,7 +35,7 @@ def flap_scores(model: nn.Module, units: pd.DataFrame, stats: ActivationStats) -
     standardised over the features of each module ((s − mean) / std, one layer's attention or MLP), then
     averaged over each unit's features (an MLP channel is one feature, a KV group its query heads' features).
     The z-scores of all modules then meet in one global ranking."""
-    width = {ATTN: group_size(model.config) * head_dim(model.config), MLP: 1}
+    width = {ATTN: unit_heads(model.config) * head_dim(model.config), MLP: 1}
     z = np.zeros(len(units), dtype=np.float64)
     for (li, kind), rows in units.groupby(["layer", "kind"], sort=True):
         feat = _per_feature_score("fluctuation", stats, (li, kind), _target(model, li, kind).weight)
@@ -73,7 +73,7 @@ def compensation_vectors(
     model: nn.Module, units: pd.DataFrame, remove: np.ndarray, stats: ActivationStats
 ) -> dict[tuple[int, str], torch.Tensor]:
     """Per partially pruned module: W[:, removed features] · mean(removed features) (float64)."""
-    width = {ATTN: group_size(model.config) * head_dim(model.config), "mlp": 1}
+    width = {ATTN: unit_heads(model.config) * head_dim(model.config), "mlp": 1}
     out = {}
     for li, kind, positions in _partial_modules(units, remove):
         w = width[kind]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bonsai.architectures import decoder_layers, group_size, head_dim
+from bonsai.architectures import attn_unit_rows, decoder_layers, head_dim, unit_heads
 from bonsai.compensation import compensate_and_shrink
 from bonsai.errors import BonsaiError
 from bonsai.evaluate import _as_windows
@@ -92,7 +92,8 @@ def accumulate_gradients(
 def taylor_unit_importance(model: nn.Module, units, only_layers: set[int] | None = None) -> np.ndarray:
     """Σ |w · g| over each unit's weights, from the `.grad` left by `accumulate_gradients`; NaN for units of
     layers outside `only_layers` (they have no gradients)."""
-    hd, gs = head_dim(model.config), group_size(model.config)
+    hd, uh = head_dim(model.config), unit_heads(model.config)
+    owned_rows = attn_unit_rows(model.config)
     layers = decoder_layers(model)
     out = np.full(len(units), np.nan, dtype=np.float64)
 
@@ -109,11 +110,11 @@ def taylor_unit_importance(model: nn.Module, units, only_layers: set[int] | None
         if kind == ATTN:
             a = layers[li].self_attn
             total = torch.zeros(n, dtype=torch.float64)
-            for lin in (a.q_proj, a.k_proj, a.v_proj):
+            for lin in (getattr(a, name) for name in owned_rows):
                 total += salience(lin.weight).reshape(n, -1).sum(1)
                 if lin.bias is not None:
                     total += salience(lin.bias).reshape(n, -1).sum(1)
-            total += salience(a.o_proj.weight).T.reshape(n, gs * hd, -1).sum((1, 2))
+            total += salience(a.o_proj.weight).T.reshape(n, uh * hd, -1).sum((1, 2))
         else:
             m = layers[li].mlp
             total = (

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bonsai.architectures import group_size, head_dim, non_embedding_params
+from bonsai.architectures import attn_unit_rows, head_dim, non_embedding_params, unit_heads
 from bonsai.errors import BonsaiError
 from bonsai.methods.common import (
     MethodResult,
@@ -163,16 +163,19 @@ def mosaic(
 
 def _unit_mass(model: nn.Module, units, norms: dict, projs, counts) -> np.ndarray:
     """Importance mass per unit that survives the provisional mask (counts per projection)."""
-    gs, hd = group_size(model.config), head_dim(model.config)
+    uh, hd = unit_heads(model.config), head_dim(model.config)
+    owned_rows = attn_unit_rows(model.config)
     per_module: dict[tuple[int, str], torch.Tensor] = {}
     for (li, name, lin), k in zip(projs, counts, strict=True):
+        if name in ("k_proj", "v_proj") and name not in owned_rows:
+            continue  # one shared KV head: no query-head unit owns it
         s = wanda_scores(lin, norms[(li, name)]).double()
         s = s.masked_fill(row_mask(s, int(k)), 0.0)
         if name in ("q_proj", "k_proj", "v_proj"):
-            n = lin.out_features // ((gs if name == "q_proj" else 1) * hd)
+            n = lin.out_features // ((uh if name == "q_proj" else 1) * hd)
             part, key = s.sum(1).reshape(n, -1).sum(1), (li, ATTN)
         elif name == "o_proj":
-            n = lin.in_features // (gs * hd)
+            n = lin.in_features // (uh * hd)
             part, key = s.sum(0).reshape(n, -1).sum(1), (li, ATTN)
         elif name == "down_proj":
             part, key = s.sum(0), (li, MLP)
@@ -188,7 +191,7 @@ def _unit_mass(model: nn.Module, units, norms: dict, projs, counts) -> np.ndarra
 
 def _kept_norms(model: nn.Module, units, remove: np.ndarray, norms: dict) -> dict:
     """Input norms re-indexed to the shrunk model (o_proj / down_proj lose the removed units' features)."""
-    width = {ATTN: group_size(model.config) * head_dim(model.config), MLP: 1}
+    width = {ATTN: unit_heads(model.config) * head_dim(model.config), MLP: 1}
     out = dict(norms)
     for (li, kind), rows in units.groupby(["layer", "kind"], sort=True):
         rows = rows.sort_values("index")

@@ -2,10 +2,12 @@
 
 Shipped inside every pruned checkpoint (referenced by `auto_map`), so it may import only torch and
 transformers. Attention is pruned in whole KV groups, so every layer keeps the family's query/KV ratio and the
-stock attention code runs unchanged on fewer heads. A module that lost every unit is replaced by an empty one
-that adds nothing to the residual stream (the layer's residual passes through). Each layer's entry in
-`bonsai_layers` may also say whether its o_proj / down_proj carry a bias (`o_bias`, `down_bias`): FLAP-style
-bias compensation adds one where the stock family has none. Without those keys the stock module decides.
+stock attention code runs unchanged on fewer heads; in a model with one KV head per layer the units are query
+heads instead (`attn_groups` then counts query heads; the shared KV head stays while any query head does). A
+module that lost every unit is replaced by an empty one that adds nothing to the residual stream (the layer's
+residual passes through). Each layer's entry in `bonsai_layers` may also say whether its o_proj / down_proj carry
+a bias (`o_bias`, `down_bias`): FLAP-style bias compensation adds one where the stock family has none. Without
+those keys the stock module decides.
 """
 
 import torch
@@ -61,17 +63,23 @@ def _resized_linear(old: nn.Linear, in_features: int, out_features: int, bias=No
 
 
 def resize_layer(
-    layer: nn.Module, attn_groups: int, mlp_channels: int, group_size: int, o_bias=None, down_bias=None
+    layer: nn.Module, attn_groups: int, mlp_channels: int, group_size: int, o_bias=None, down_bias=None,
+    shared_kv: bool = False,
 ) -> None:
-    """Give one decoder layer `attn_groups` KV groups and `mlp_channels` MLP channels (weights uninitialised);
-    `o_bias` / `down_bias` (None: as the stock module) say whether o_proj / down_proj have a bias."""
+    """Give one decoder layer `attn_groups` attention units and `mlp_channels` MLP channels (weights
+    uninitialised): KV groups of `group_size` query heads, or with `shared_kv` query heads over the layer's one KV
+    head. `o_bias` / `down_bias` (None: as the stock module) say whether o_proj / down_proj have a bias."""
     attn = layer.self_attn
     if not isinstance(attn, EmptyAttention):
         head_dim = attn.head_dim
         if attn_groups == 0:
             layer.self_attn = EmptyAttention(attn.layer_idx, head_dim)
+        elif shared_kv:
+            q_out, kv_out = attn_groups * head_dim, head_dim
+            attn.num_key_value_groups = attn_groups
         else:
             q_out, kv_out = attn_groups * group_size * head_dim, attn_groups * head_dim
+        if attn_groups:
             attn.q_proj = _resized_linear(attn.q_proj, attn.q_proj.in_features, q_out)
             attn.k_proj = _resized_linear(attn.k_proj, attn.k_proj.in_features, kv_out)
             attn.v_proj = _resized_linear(attn.v_proj, attn.v_proj.in_features, kv_out)
@@ -93,6 +101,7 @@ def apply_layer_shapes(model: nn.Module, layer_shapes: list) -> None:
     if len(layer_shapes) != len(layers):
         raise ValueError(f"bonsai_layers lists {len(layer_shapes)} layers, the model has {len(layers)}")
     group_size = config.num_attention_heads // config.num_key_value_heads
+    shared_kv = config.num_key_value_heads == 1 and config.num_attention_heads > 1  # units are query heads
     for layer, shape in zip(layers, layer_shapes, strict=True):
         resize_layer(
             layer,
@@ -101,6 +110,7 @@ def apply_layer_shapes(model: nn.Module, layer_shapes: list) -> None:
             group_size,
             shape.get("o_bias"),
             shape.get("down_bias"),
+            shared_kv,
         )
 
 
