@@ -47,3 +47,15 @@ def tiny_biased_llama(seed: int = 0):
             if name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
     return model
+
+
+def tiny_tokenizer(vocab_size: int = COMMON["vocab_size"]):
+    """A word-level fast tokenizer over `vocab_size` ids ("<unk>", "<s>", "</s>", then w3, w4, ...), built offline;
+    it has a BOS token but does not add it (like GPT-2-style tokenizers)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", *(f"w{i}" for i in range(3, vocab_size))]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
