@@ -27,8 +27,8 @@ MODULE_SHARES = ("fixed", "uniform")
 COMPENSATIONS = ("none", "bias", "refit")
 # Methods that remove whole units and so can compensate, with their published compensation (Bonsai's comes from
 # its preset); a run that names no compensation gets this one.
-COMPENSATED_METHODS = ("bonsai", "flap", "wanda_sp", "llm_pruner", "magnitude", "random")
-PUBLISHED_COMPENSATION = {"flap": "bias"}
+COMPENSATED_METHODS = ("bonsai", "flap", "wanda_sp", "llm_pruner", "magnitude", "random", "mosaic_composite")
+PUBLISHED_COMPENSATION = {"flap": "bias", "mosaic_composite": "refit"}  # the composite is this project's own
 # `bonsai` is the iterative loop of flows/prune.py; the others are one-shot baselines (bonsai/methods/).
 METHODS = (
     "bonsai",

@@ -85,7 +85,10 @@ def test_each_method_hits_the_target_size(method, family):
         assert d["unstructured_zeros"] > 0 and d["structural_params_removed"] > 0
     else:  # sparse24
         assert result.details["projection_sparsity"] == 0.5 and dense == n0
-    assert result.forward_tokens == _windows().size
+    if method == "mosaic_composite":  # a pass before and one after the structural half, and the refit's passes
+        assert result.forward_tokens > 2 * _windows().size
+    else:
+        assert result.forward_tokens == _windows().size
     assert result.backward_passes == (2 if method == "llm_pruner" else 0)  # 4 windows, batches of 2
     with torch.no_grad():
         logits = model(torch.from_numpy(_windows(1))).logits
@@ -282,7 +285,10 @@ def test_prune_flow_dispatches_one_shot_methods(flow_runs):
         assert BONSAI_SUMMARY_KEYS <= set(summary)
         assert record["method"] == summary["method"] == method and record["config"]["method"] == method
         assert abs(summary["sparsity"] - summary["target_sparsity"]) <= TOL
-        assert summary["rounds"] == 1 and summary["forward_tokens"] == 2 * 4 * 64
+        # the calibration pass(es) and the check pass; the composite adds a pass over the shrunk model and the refit's
+        passes = 2 if method == "flap" else 3
+        assert summary["rounds"] == 1 and summary["forward_tokens"] >= passes * 4 * 64
+        assert (summary["forward_tokens"] == passes * 4 * 64) is (method == "flap")
         assert summary["calib_ppl_after"] > summary["calib_ppl_before"] > 1
         model = load_pruned_model(out)
         assert non_embedding_params(model) == summary["non_embedding_params_after"]
@@ -321,3 +327,23 @@ def test_compare_flow_writes_table_markdown_and_plot(stories_dir, tmp_path, pref
     assert (table["prefill_speedup"] > 0).all()
     assert "| magnitude |" in Path(res["markdown"]).read_text()
     assert Path(res["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_composite_structural_half_respects_its_per_module_cap():
+    from bonsai.methods.mosaic import capped_candidates
+
+    units = unit_table(tiny_model("llama"))
+    score = np.random.default_rng(0).random(len(units))
+    cand = capped_candidates(units, score, 0.25)
+    for _, rows in units.groupby(["layer", "kind"]):
+        ids = rows["unit"].to_numpy()
+        k = int(np.floor(0.25 * len(ids)))
+        assert cand[ids].sum() == k  # the cap's share of every module, its lowest-scored units
+        assert set(np.flatnonzero(cand[ids])) == set(np.argsort(score[ids])[:k])
+    model, n0, result = _run("mosaic_composite", "llama", 0.5)
+    cap = result.details["structural_cap"]
+    assert cap < 1.0  # the budget was reachable under the cap: no module can have been emptied
+    for kind, per_layer in result.kept.items():
+        full = full_kept(tiny_model("llama"))[kind]
+        for kept_now, before in zip(per_layer, full, strict=True):
+            assert len(before) - len(kept_now) <= np.floor(cap * len(before))

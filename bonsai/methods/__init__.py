@@ -11,7 +11,7 @@ the same format as Bonsai's.
 | shortgpt          | block influence 1 − cos(h_in, h_out)                | whole layers, then channels | structured   |
 | magnitude, random | mean abs(w) per unit / uniform noise                | global                      | structured   |
 | mosaic            | abs(W)·‖X‖ per weight, outlier ratio per projection | per projection, target ± λ  | unstructured |
-| mosaic_composite  | mosaic, then remaining mass per unit                | structural_share as units   | both         |
+| mosaic_composite  | fluctuation per unit, then mosaic per weight        | units (capped), then mosaic | both         |
 | sparse24          | abs(W)·‖X‖ per weight                               | 2 of every 4 inputs per row | 2:4          |
 """
 

@@ -15,37 +15,42 @@ The budget is round(sparsity · n0) non-embedding parameters (n0 as before pruni
 1 − non-zero / n0 equals the target to the parameter (exact zeros already present outside the projections,
 e.g. in norms, count towards it).
 
-mosaic_composite — the same ratios, then structure: a provisional Mosaic mask at the full budget leaves each
-unit (KV group: rows of q/k/v, columns of o; MLP channel: rows of gate/up, column of down) some surviving
-importance mass; units whose rows/columns became (almost) entirely zero, or whose remaining mass per owned
-parameter is smallest, are removed physically (cost-aware, bonsai.selection) up to `structural_share` of the
-budget; the rest of the budget is then zeroed by Mosaic inside the shrunk model (norms of the kept features,
-no second pass). Both the dense-equivalent size (what the checkpoint stores) and the non-zero count are
-reported; the non-zero count meets the target.
+mosaic_composite — structure first, then Mosaic: `structural_share` of the budget is removed as whole units
+(KV groups or query heads, MLP channels) chosen by a structured importance, FLAP's fluctuation metric
+standardised per module, in one global cost-aware ranking in which no module may lose more than
+STRUCTURAL_CAP_FACTOR times the structural half's mean share of its units and massive-activation units never go;
+the kept o_proj / down_proj columns are compensated (the refit of bonsai.compensation by default). A second
+pass over the shrunk model gives the input norms with which Mosaic's per-projection ratios zero the rest of the
+budget. Both the dense-equivalent size (what the checkpoint stores) and the non-zero count are reported; the
+non-zero count meets the target.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
-from bonsai.architectures import attn_unit_rows, head_dim, non_embedding_params, unit_heads
+from bonsai.architectures import non_embedding_params
+from bonsai.compensation import compensate_and_shrink
 from bonsai.errors import BonsaiError
 from bonsai.methods.common import (
     MethodResult,
     check_sizes,
     collect_projection_norms,
     count_nonzero_non_embedding,
-    fit_removals,
+    freed_params,
     projections,
     removed_counts,
     target_removed,
     wanda_scores,
     zeros_outside_projections,
 )
-from bonsai.shrink import shrink_model
-from bonsai.units import ATTN, MLP, unit_table
+from bonsai.methods.flap import added_bias_params, flap_scores
+from bonsai.prior import collect_activation_stats, massive_units
+from bonsai.selection import removable_params, select_removals
+from bonsai.units import unit_table
 
 
 def outlier_ratio(scores: torch.Tensor, m: float) -> float:
@@ -161,46 +166,42 @@ def mosaic(
     )
 
 
-def _unit_mass(model: nn.Module, units, norms: dict, projs, counts) -> np.ndarray:
-    """Importance mass per unit that survives the provisional mask (counts per projection)."""
-    uh, hd = unit_heads(model.config), head_dim(model.config)
-    owned_rows = attn_unit_rows(model.config)
-    per_module: dict[tuple[int, str], torch.Tensor] = {}
-    for (li, name, lin), k in zip(projs, counts, strict=True):
-        if name in ("k_proj", "v_proj") and name not in owned_rows:
-            continue  # one shared KV head: no query-head unit owns it
-        s = wanda_scores(lin, norms[(li, name)]).double()
-        s = s.masked_fill(row_mask(s, int(k)), 0.0)
-        if name in ("q_proj", "k_proj", "v_proj"):
-            n = lin.out_features // ((uh if name == "q_proj" else 1) * hd)
-            part, key = s.sum(1).reshape(n, -1).sum(1), (li, ATTN)
-        elif name == "o_proj":
-            n = lin.in_features // (uh * hd)
-            part, key = s.sum(0).reshape(n, -1).sum(1), (li, ATTN)
-        elif name == "down_proj":
-            part, key = s.sum(0), (li, MLP)
-        else:
-            part, key = s.sum(1), (li, MLP)
-        per_module[key] = part if key not in per_module else per_module[key] + part
-    mass = np.zeros(len(units), dtype=np.float64)
-    for (li, kind), rows in units.groupby(["layer", "kind"], sort=True):
-        order = rows.sort_values("index")
-        mass[order["unit"].to_numpy()] = per_module[(li, kind)].cpu().numpy()
-    return mass
+# A module may lose at most this many times the structural half's mean share of removable parameters as whole
+# units: the guard that keeps any layer's attention or MLP from being emptied by the structural half.
+STRUCTURAL_CAP_FACTOR = 2.0
 
 
-def _kept_norms(model: nn.Module, units, remove: np.ndarray, norms: dict) -> dict:
-    """Input norms re-indexed to the shrunk model (o_proj / down_proj lose the removed units' features)."""
-    width = {ATTN: unit_heads(model.config) * head_dim(model.config), MLP: 1}
-    out = dict(norms)
-    for (li, kind), rows in units.groupby(["layer", "kind"], sort=True):
-        rows = rows.sort_values("index")
-        pos = rows["index"].to_numpy()[~remove[rows["unit"].to_numpy()]]
-        w = width[kind]
-        feats = torch.from_numpy((pos[:, None] * w + np.arange(w)[None, :]).reshape(-1).astype(np.int64))
-        name = "o_proj" if kind == ATTN else "down_proj"
-        out[(li, name)] = norms[(li, name)][feats]
-    return out
+def capped_candidates(units: pd.DataFrame, score: np.ndarray, cap: float) -> np.ndarray:
+    """Bool per unit: within each module, the lowest-scored floor(cap × units) units (the others never go)."""
+    candidates = np.zeros(len(units), dtype=bool)
+    for _, rows in units.groupby(["layer", "kind"], sort=True):
+        ids = rows["unit"].to_numpy()
+        k = int(np.floor(min(cap, 1.0) * len(ids)))
+        candidates[ids[np.argsort(score[ids], kind="stable")[:k]]] = True
+    return candidates
+
+
+def _structural_half(
+    model: nn.Module, units: pd.DataFrame, score: np.ndarray, allowed: np.ndarray, budget: int, cap: float,
+    compensate: bool,
+) -> tuple[np.ndarray, float]:
+    """(removal mask, the cap it used): lowest score first among the `allowed` units under the per-module `cap`,
+    freeing `budget` parameters net of the biases a compensation creates (as FLAP's selection counts them). Where
+    the modules are too coarse for the cap to reach the budget (a few large units each), the cap widens."""
+    slack = int(units["cost"].min()) // 2  # what a cost-aware selection can miss the budget by
+    while True:
+        candidates = capped_candidates(units, score, cap) & allowed
+        extra, seen = 0, set()
+        while True:
+            remove = select_removals(units, score, candidates, budget + extra)
+            new_extra = added_bias_params(model, units, remove) if compensate else 0
+            if new_extra == extra or new_extra in seen:
+                break
+            seen.add(extra)
+            extra = new_extra
+        if freed_params(units, remove) - new_extra >= budget - slack or cap >= 1.0:
+            return remove, min(cap, 1.0)
+        cap = min(1.0, cap * 1.5)
 
 
 def mosaic_composite(
@@ -214,33 +215,43 @@ def mosaic_composite(
     outlier_m: float = 5.0,
     lam: float = 0.08,
     structural_share: float = 0.5,
+    compensation: str = "refit",
+    refit_damping: float | None = None,
 ) -> MethodResult:
+    """`structural_share` of the budget as whole units, chosen by FLAP's standardised fluctuation under a
+    per-module cap (massive-activation units never), the kept o_proj / down_proj compensated (`compensation`);
+    then a second pass over the shrunk model and Mosaic's per-projection ratios zero the rest of the budget."""
     n0, _ = check_sizes(model)
-    norms, nll = collect_projection_norms(model, windows, batch_size)
     budget = target_removed(n0, sparsity)
     units = unit_table(model, kept)
-    projs, _, _, _, counts = _plan(model, norms, _check_target(model, n0, sparsity), outlier_m, lam)
-    mass = _unit_mass(model, units, norms, projs, counts)
-    score = mass / units["cost"].to_numpy(dtype=np.float64)
+    stats, nll = collect_activation_stats(model, windows, batch_size)
+    score = flap_scores(model, units, stats)
     structural_budget = round(structural_share * budget)
-    remove = fit_removals(units, score, structural_budget)
-    new_norms = _kept_norms(model, units, remove, norms)
-    new_kept = shrink_model(model, units, remove, kept)
+    cap = STRUCTURAL_CAP_FACTOR * structural_budget / max(removable_params(units), 1)
+    remove, cap = _structural_half(model, units, score, ~massive_units(model, units, stats), structural_budget, cap,
+                                   compensation != "none")
+    new_kept, comp_tokens = compensate_and_shrink(
+        model, units, remove, kept, windows, mode=compensation, batch_size=batch_size, damping=refit_damping
+    )
     dense_after = non_embedding_params(model)
-    structural = n0 - dense_after
+    structural = n0 - dense_after  # biases the compensation created count against it
     zeros = max(0, budget - structural - zeros_outside_projections(model))
-    table = mosaic_prune(model, new_norms, zeros, outlier_m, lam) if zeros > 0 else []
+    norms, _ = collect_projection_norms(model, windows, batch_size)  # the shrunk, compensated model's inputs
+    table = mosaic_prune(model, norms, zeros, outlier_m, lam) if zeros > 0 else []
     return MethodResult(
         method="mosaic_composite",
         kept=new_kept,
         dense_nll=nll,
-        forward_tokens=int(np.asarray(windows).size),
+        forward_tokens=2 * int(np.asarray(windows).size) + comp_tokens,
         basis="nonzero",
         removed=removed_counts(units, remove),
         details={
             "outlier_m": outlier_m,
             "lambda": lam,
             "structural_share": structural_share,
+            "structural_metric": "fluctuation (standardised per module kind), per-module cap",
+            "structural_cap": float(min(cap, 1.0)),
+            "compensation": compensation,
             "structural_params_removed": int(structural),
             "unstructured_zeros": int(zeros),
             "dense_equivalent_non_embedding_params": int(dense_after),
