@@ -33,7 +33,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from bonsai.checkpoint import is_pruned_checkpoint, read_record, sha256_file, write_json_atomic
+from bonsai.artifacts import record_artifact, remove_artifact, verified_sha
+from bonsai.checkpoint import is_pruned_checkpoint, read_record, write_json_atomic
 from bonsai.errors import BonsaiError
 
 # the linear projections of every supported family; the embedding and LM head (often tied) are not adapted
@@ -284,30 +285,34 @@ def save_state(
         "param_groups": opt["param_groups"],
         "optimizer_scalars": scalars,
         "losses": losses,
-        "sha256": {f: sha256_file(tmp / f) for f in (ADAPTER_FILE, OPTIMIZER_FILE)},
     }
     write_json_atomic(tmp / STATE_FILE, state)
     if final.exists():  # the same step saved by an earlier, identical run: replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in sorted(state_dir.glob(f"{STATE_PREFIX}*"))[:-KEEP_STATES]:
-        shutil.rmtree(old)
+    record_artifact(final)  # size + hash of every file, state.json included (bonsai/artifacts.py)
+    for old in _states(state_dir)[:-KEEP_STATES]:
+        remove_artifact(old)
     return final
 
 
+def _states(state_dir: str | Path) -> list[Path]:
+    return sorted(p for p in Path(state_dir).glob(f"{STATE_PREFIX}*") if p.is_dir())
+
+
 def _intact(path: Path) -> dict[str, Any] | None:
-    """The state.json of a complete, undamaged state directory, else None."""
-    try:
-        state = json.loads((path / STATE_FILE).read_text())
-        ok = all(sha256_file(path / f) == state["sha256"][f] for f in (ADAPTER_FILE, OPTIMIZER_FILE))
-    except (OSError, ValueError, KeyError, TypeError):
+    """The state.json of a complete, undamaged state directory (every file as its sidecar records), else None."""
+    if verified_sha(path) is None:
         return None
-    return state if ok else None
+    try:
+        return json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def latest_state(state_dir: str | Path) -> Path | None:
     """The newest intact state under `state_dir` (a damaged one is skipped for the one before it)."""
-    for path in sorted(Path(state_dir).glob(f"{STATE_PREFIX}*"), reverse=True):
+    for path in reversed(_states(state_dir)):
         if _intact(path) is not None:
             return path
     return None

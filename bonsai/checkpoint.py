@@ -24,6 +24,7 @@ from torch import nn
 from bonsai.architectures import family_of, layer_shapes
 from bonsai.errors import BonsaiError
 from bonsai.memory import release_free_memory
+from bonsai.workdir import check_output_dir
 
 REMOTE_DIR = Path(__file__).parent / "remote"
 REMOTE_FILES = ("configuration_bonsai.py", "modeling_bonsai.py")
@@ -175,8 +176,7 @@ def publish_checkpoint(
 ) -> Path:
     """Copy a finished round checkpoint to the user's output directory with the final record, atomically."""
     src, out = Path(src), Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise BonsaiError(f"output directory {out} exists and is not empty; choose another --out")
+    check_output_dir(out, overwrite=overwrite)  # never replaces a directory holding files this tool did not write
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

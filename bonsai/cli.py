@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 from bonsai.config import METHODS, PRESETS, resolve_config
 from bonsai.errors import BonsaiError
 from bonsai.memory import cap_heap_growth
+from bonsai.workdir import WorkDirLock, check_output_dir, check_work_dir, holds_earlier_run
 
 KNOB_FLAGS = {  # flag -> (config key, type)
     "--prior": ("prior", str),
@@ -175,6 +177,20 @@ def _check_at_least(*checks: tuple[str, int | None, int]) -> None:
             raise BonsaiError(f"{flag} must be >= {least}, got {value}")
 
 
+@contextlib.contextmanager
+def _locked(work: Path, resume: bool):
+    """Hold the work directory's lock (taken before anything touches it); yields whether the run starts fresh.
+    A directory holding an earlier run needs --resume."""
+    with WorkDirLock(work) as lock:
+        fresh = not holds_earlier_run(work)
+        if lock.taken_over:
+            print(f"bonsai: taking over {work} from {lock.taken_over}, which is gone", file=sys.stderr)
+        if not fresh and not resume:
+            raise BonsaiError(f"work directory {work} holds an earlier run; pass --resume to continue it, "
+                              f"or remove it")
+        yield fresh
+
+
 def _print_summary(s: dict) -> None:
     print(
         "\nBonsai prune finished\n"
@@ -205,18 +221,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
     cfg = resolve_config(overrides, args.config)
     _check_at_least(("--heldout-windows", args.heldout_windows, 0), ("--heldout-seq-len", args.heldout_seq_len, 2))
     work = Path(args.work_dir or f"{args.out}.work")
-    if work.exists() and any(work.iterdir()) and not args.resume:
-        raise BonsaiError(f"work directory {work} holds an earlier run; pass --resume to continue it, or remove it")
-    from flows.prune import run_prune
+    check_output_dir(args.out, overwrite=args.overwrite)
+    check_work_dir(work)
+    with _locked(work, args.resume) as fresh_work:
+        from flows.prune import run_prune
 
-    fresh_work = not work.exists()
-    try:
-        summary = run_prune(cfg, args.out, work_dir=str(work), overwrite=args.overwrite)
-    except BonsaiError:
-        # a bad input found before any round finished leaves nothing behind; finished rounds are always kept
-        if fresh_work and work.is_dir() and not any(work.glob("round_*/checkpoint-*.sha256")):
-            shutil.rmtree(work)
-        raise
+        try:
+            summary = run_prune(cfg, args.out, work_dir=str(work), overwrite=args.overwrite)
+        except BonsaiError:
+            # a bad input found before any round finished leaves nothing behind; finished rounds are always kept
+            if fresh_work and work.is_dir() and not any(work.glob("round_*/checkpoint-*.sha256")):
+                shutil.rmtree(work)
+            raise
     _print_summary(summary)
     if args.heldout_windows:
         from flows.evaluation import heldout_report_flow
@@ -302,24 +318,25 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         ("--eval-batch-size", args.eval_batch_size, 1),
     )
     work = Path(args.work_dir or f"{args.out}.work")
-    if work.exists() and any(work.iterdir()) and not args.resume:
-        raise BonsaiError(f"work directory {work} holds an earlier run; pass --resume to continue it, or remove it")
-    from flows.adapt import adapt_flow
+    check_output_dir(args.out, overwrite=args.overwrite)
+    check_work_dir(work)
+    with _locked(work, args.resume):
+        from flows.adapt import adapt_flow
 
-    a = adapt_flow(
-        args.pruned,
-        args.out,
-        cfg,
-        data=args.data,
-        teacher=args.teacher,
-        eval_data=args.eval_data,
-        eval_windows=args.eval_windows,
-        eval_seq_len=args.eval_seq_len,
-        eval_batch_size=args.eval_batch_size,
-        work_dir=str(work),
-        overwrite=args.overwrite,
-        report_dir=args.report_dir,
-    )
+        a = adapt_flow(
+            args.pruned,
+            args.out,
+            cfg,
+            data=args.data,
+            teacher=args.teacher,
+            eval_data=args.eval_data,
+            eval_windows=args.eval_windows,
+            eval_seq_len=args.eval_seq_len,
+            eval_batch_size=args.eval_batch_size,
+            work_dir=str(work),
+            overwrite=args.overwrite,
+            report_dir=args.report_dir,
+        )
     ev = a.get("eval")
     print(
         f"\nBonsai adapt finished: {a['steps']} steps (resumed at {a['resumed_from']}), "

@@ -16,6 +16,7 @@ from bonsai.adapt import AdaptConfig, check_adaptable, loss_summary
 from bonsai.checkpoint import publish_checkpoint, read_record
 from bonsai.errors import BonsaiError
 from bonsai.report import original_shapes_from_config, write_report
+from bonsai.workdir import WorkDirLock, check_output_dir, check_work_dir
 from flows.calibration import calibration_flow
 from tasks.adapt_tasks import adapt_merge_task, adapt_perplexity_task, adapt_train_task
 from tasks.data_tasks import materialize_model_task, record_source
@@ -47,76 +48,77 @@ def adapt_flow(
     cfg = config.validate()
     log = get_run_logger()
     record = check_adaptable(pruned, out)
-    if Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
-        raise BonsaiError(f"output directory {out} exists and is not empty; choose another --out")
     if eval_windows < 0 or eval_batch_size < 1 or (eval_seq_len is not None and eval_seq_len < 2):
         raise BonsaiError("eval_windows must be >= 0, eval_batch_size >= 1 and eval_seq_len >= 2")
     work = Path(work_dir or f"{out}.work")
-    pruned_ref = materialize_model_task(pruned)
-    teacher_source = teacher or record_source(pruned_ref["path"])
-    teacher_ref = materialize_model_task(teacher_source)
-    if teacher_ref["sha256"] != record.get("source_sha256"):
-        log.warning("teacher %s is not the model %s was pruned from (content hash differs)", teacher_source, pruned)
-    data = data or record["calibration"]["source"]
-    windows = calibration_flow(
-        teacher_source, data, cfg.n_windows, cfg.seq_len, cfg.seed, "calibration", str(work / "windows")
-    )
-    held_out = None
-    if eval_windows:
-        held_out = calibration_flow(
-            teacher_source,
-            eval_data,
-            eval_windows,
-            eval_seq_len or cfg.seq_len,
-            cfg.seed,
-            "evaluation",
-            str(work / "windows"),
+    check_output_dir(out, overwrite=overwrite)
+    check_work_dir(work)
+    with WorkDirLock(work):  # one run per work directory (re-entrant: the CLI already holds it)
+        pruned_ref = materialize_model_task(pruned)
+        teacher_source = teacher or record_source(pruned_ref["path"])
+        teacher_ref = materialize_model_task(teacher_source)
+        if teacher_ref["sha256"] != record.get("source_sha256"):
+            log.warning("teacher %s is not the model %s was pruned from (content hash differs)", teacher_source, pruned)
+        data = data or record["calibration"]["source"]
+        windows = calibration_flow(
+            teacher_source, data, cfg.n_windows, cfg.seq_len, cfg.seed, "calibration", str(work / "windows")
         )
-    ppl_before = adapt_perplexity_task(pruned_ref, held_out, eval_batch_size, str(work)) if held_out else None
+        held_out = None
+        if eval_windows:
+            held_out = calibration_flow(
+                teacher_source,
+                eval_data,
+                eval_windows,
+                eval_seq_len or cfg.seq_len,
+                cfg.seed,
+                "evaluation",
+                str(work / "windows"),
+            )
+        ppl_before = adapt_perplexity_task(pruned_ref, held_out, eval_batch_size, str(work)) if held_out else None
 
-    trained = adapt_train_task(pruned_ref, teacher_ref, windows, cfg.to_dict(), str(work))
-    adaptation = {
-        "tool": f"bonsai-adapt {__version__}",
-        "method": "LoRA (peft) on all linear projections, loss = CE + kl_weight * KL(teacher || student), merged",
-        "config": cfg.to_dict(),
-        "steps": trained["step"],
-        "resumed_from": trained["resumed_from"],
-        "train_seconds": trained["train_seconds"],
-        "tokens_seen": trained["step"] * cfg.batch_size * cfg.seq_len,
-        "teacher": teacher_source,
-        "teacher_sha256": teacher_ref["sha256"],
-        "pruned_weights_sha256": record["weights_sha256"],
-        "data": {
-            "source": data,
-            "n_windows": windows["n_windows"],
-            "seq_len": windows["seq_len"],
-            "windows_sha256": windows["sha256"],
-        },
-        **loss_summary(trained["losses"]),
-    }
-    merged = adapt_merge_task(pruned_ref, trained, cfg.to_dict(), str(work), adaptation)
-    if held_out:
-        ppl_after = adapt_perplexity_task(merged, held_out, eval_batch_size, str(work))
-        adaptation["eval"] = {
-            "data": eval_data,
-            "n_windows": held_out["n_windows"],
-            "seq_len": held_out["seq_len"],
-            "windows_sha256": held_out["sha256"],
-            "ppl_before": ppl_before,
-            "ppl_after": ppl_after,
+        trained = adapt_train_task(pruned_ref, teacher_ref, windows, cfg.to_dict(), str(work))
+        adaptation = {
+            "tool": f"bonsai-adapt {__version__}",
+            "method": "LoRA (peft) on all linear projections, loss = CE + kl_weight * KL(teacher || student), merged",
+            "config": cfg.to_dict(),
+            "steps": trained["step"],
+            "resumed_from": trained["resumed_from"],
+            "train_seconds": trained["train_seconds"],
+            "tokens_seen": trained["step"] * cfg.batch_size * cfg.seq_len,
+            "teacher": teacher_source,
+            "teacher_sha256": teacher_ref["sha256"],
+            "pruned_weights_sha256": record["weights_sha256"],
+            "data": {
+                "source": data,
+                "n_windows": windows["n_windows"],
+                "seq_len": windows["seq_len"],
+                "windows_sha256": windows["sha256"],
+            },
+            **loss_summary(trained["losses"]),
         }
-    publish_checkpoint(merged["path"], out, {"adaptation": adaptation}, overwrite=overwrite)
-    ev = adaptation.get("eval")
-    create_markdown_artifact(
-        f"### Bonsai adaptation\n\n| key | value |\n|---|---|\n| steps | {adaptation['steps']} |\n"
-        f"| training loss | {adaptation['loss_start']:.4f} → {adaptation['loss_end']:.4f} |\n"
-        + (f"| held-out ppl | {ev['ppl_before']:.3f} → {ev['ppl_after']:.3f} |\n" if ev else ""),
-        key="bonsai-adapt",
-        description=f"adaptation of {pruned}",
-    )
-    if report_dir:
-        _write_report(out, report_dir, teacher_ref["path"])
-    return adaptation
+        merged = adapt_merge_task(pruned_ref, trained, cfg.to_dict(), str(work), adaptation)
+        if held_out:
+            ppl_after = adapt_perplexity_task(merged, held_out, eval_batch_size, str(work))
+            adaptation["eval"] = {
+                "data": eval_data,
+                "n_windows": held_out["n_windows"],
+                "seq_len": held_out["seq_len"],
+                "windows_sha256": held_out["sha256"],
+                "ppl_before": ppl_before,
+                "ppl_after": ppl_after,
+            }
+        publish_checkpoint(merged["path"], out, {"adaptation": adaptation}, overwrite=overwrite)
+        ev = adaptation.get("eval")
+        create_markdown_artifact(
+            f"### Bonsai adaptation\n\n| key | value |\n|---|---|\n| steps | {adaptation['steps']} |\n"
+            f"| training loss | {adaptation['loss_start']:.4f} → {adaptation['loss_end']:.4f} |\n"
+            + (f"| held-out ppl | {ev['ppl_before']:.3f} → {ev['ppl_after']:.3f} |\n" if ev else ""),
+            key="bonsai-adapt",
+            description=f"adaptation of {pruned}",
+        )
+        if report_dir:
+            _write_report(out, report_dir, teacher_ref["path"])
+        return adaptation
 
 
 def _write_report(out: str, report_dir: str, dense_dir: str) -> None:

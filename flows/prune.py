@@ -26,6 +26,7 @@ from bonsai.checkpoint import publish_checkpoint
 from bonsai.config import METHOD_KNOBS, SHARED_METHOD_KNOBS, PruneConfig
 from bonsai.errors import BonsaiError
 from bonsai.selection import check_reachable, round_budget
+from bonsai.workdir import WorkDirLock, check_output_dir, check_work_dir
 from flows.calibration import calibration_flow
 from tasks.data_tasks import materialize_model_task
 from tasks.method_tasks import one_shot_summary, one_shot_task
@@ -47,11 +48,16 @@ def _round_markdown(r: int, summary: dict, n0: int) -> str:
 def prune_flow(config: PruneConfig, out: str, work_dir: str | None = None, overwrite: bool = False) -> dict:
     """Prune `config.model` to `config.sparsity` and write a loadable checkpoint to `out`."""
     cfg = config.validate()
+    work = Path(work_dir or f"{out}.work")
+    check_output_dir(out, overwrite=overwrite)
+    check_work_dir(work)
+    with WorkDirLock(work):  # one run per work directory (re-entrant: the CLI already holds it)
+        return _prune(cfg, out, work, overwrite)
+
+
+def _prune(cfg: PruneConfig, out: str, work: Path, overwrite: bool) -> dict:
     log = get_run_logger()
     started = time.time()
-    work = Path(work_dir or f"{out}.work")
-    if Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
-        raise BonsaiError(f"output directory {out} exists and is not empty; choose another --out")
     model_ref = materialize_model_task(cfg.model)
     windows = calibration_flow(
         cfg.model,

@@ -44,8 +44,9 @@ def _reuse(path: Path, what: str) -> str | None:
         get_run_logger().info("reused %s: %s", what, path)
         return sha
     if path.exists():
-        get_run_logger().warning("recomputing %s: %s is incomplete or corrupt", what, path)
-        discard(path)
+        aside = discard(path)
+        get_run_logger().warning("recomputing %s: %s is incomplete or corrupt (set aside as %s)", what, path,
+                                 aside.name)
     return None
 
 

@@ -9,6 +9,7 @@ each), on the real tiny model stories260K (skipped without ../shared).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -221,4 +222,54 @@ def test_truncated_and_corrupt_artifacts_are_recomputed(stories_dir, tmp_path, c
     assert verified_sha(shard) is not None and shard.stat().st_size > size // 2
     assert verified_sha(no_sidecar) is not None
     assert verified_sha(ckpt) == ckpt_sha  # recomputed bit-identically
+    assert sha256_file(out / WEIGHTS_FILE) == reference["sha"]
+
+
+def _truncate(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+def _flip(path: Path) -> None:
+    with open(path, "r+b") as f:  # same size, one byte changed in the middle
+        f.seek(path.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x5A]))
+
+
+# Every artifact kind of a prune's work directory, and the name its recomputation is logged under. A round
+# checkpoint is one artifact of many files: damage to any of them recomputes the checkpoint. Two groups per
+# corruption, so that each round checkpoint takes one damaged file per resume.
+FAULT_GROUPS = {
+    "A": [("windows", "calibration windows", lambda w: next(w.glob("windows/*.parquet"))),
+          ("prior", "prior table", lambda w: _round_dir(w, 0) / "prior.parquet"),
+          ("masks", "mask table", lambda w: _round_dir(w, 1) / "masks.parquet"),
+          ("shard", "shard 2", lambda w: _round_dir(w, 0) / "shards" / "shard_0002.parquet"),
+          ("importance", "importance table", lambda w: _round_dir(w, 1) / "importance.parquet"),
+          ("checkpoint config.json", "round checkpoint", lambda w: _checkpoint(w, 0) / "config.json"),
+          ("checkpoint weights", "round checkpoint", lambda w: _checkpoint(w, 1) / WEIGHTS_FILE)],
+    "B": [("checkpoint record", "round checkpoint", lambda w: _checkpoint(w, 0) / "pruning_record.json"),
+          ("checkpoint tokenizer", "round checkpoint", lambda w: _checkpoint(w, 1) / "tokenizer.json")],
+}
+
+
+@pytest.mark.parametrize("group", sorted(FAULT_GROUPS))
+@pytest.mark.parametrize("damage", [_truncate, _flip], ids=["truncated", "flipped"])
+def test_fault_injection_every_artifact_kind(group, damage, stories_dir, tmp_path, cli_env, reference):
+    work = tmp_path / "pruned.work"
+    shutil.copytree(reference["work"], work)
+    damaged = []
+    for kind, label, locate in FAULT_GROUPS[group]:
+        path = locate(work)
+        artifact = path.parent if label == "round checkpoint" else path
+        damage(path)
+        assert verified_sha(artifact) is None, kind
+        damaged.append((kind, label, artifact))
+    out = tmp_path / "pruned"
+    log = Run(stories_dir, out, cli_env, "--resume", "--work-dir", str(work)).wait()
+    for kind, label, artifact in damaged:
+        assert f"recomputing {label}: {artifact} is incomplete or corrupt" in log, (kind, log[-4000:])
+        assert verified_sha(artifact) is not None, kind
+        assert list(artifact.parent.glob(f".{artifact.name}.corrupt-*")), f"{kind}: the damaged copy was not kept"
     assert sha256_file(out / WEIGHTS_FILE) == reference["sha"]
