@@ -354,15 +354,16 @@ def run_zeroshot_path(
     seed: int = 0,
     device: str | None = None,
     dtype: str = "float32",
-    trust_remote_code: bool = True,
+    trust_remote_code: bool = False,
     config_dir: Path | None = None,
     max_length: int | None = None,
 ) -> dict[str, Any]:
     """As :func:`run_zeroshot`, but lm-eval loads the model itself from ``model_dir`` with its own HF loader
-    (``HFLM(pretrained=<dir>, trust_remote_code=True)``): a pruned checkpoint loads through the model code shipped
-    in the directory (its ``auto_map``), exactly as a user of lm-eval would load it. ``device`` defaults to CUDA
-    when available, else CPU. In a process that has imported :mod:`bonsai.checkpoint`, transformers picks the
-    classes it registered (the same code as the shipped copy); elsewhere the copy in the directory runs."""
+    (``HFLM(pretrained=<dir>)``); ``trust_remote_code`` stays off unless the caller asks (inputs are untrusted).
+    In a process that has imported :mod:`bonsai.checkpoint`, transformers picks the classes it registered for
+    pruned checkpoints, so none of the code shipped in the directory runs; elsewhere a pruned checkpoint needs
+    ``trust_remote_code=True`` to run its shipped copy (its ``auto_map``), exactly as a user of lm-eval would
+    load it. ``device`` defaults to CUDA when available, else CPU."""
     import torch
     from lm_eval.models.huggingface import HFLM
 

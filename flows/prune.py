@@ -240,7 +240,10 @@ def shard_runner(cfg: PruneConfig):
             "n_workers": cfg.workers,
             "threads_per_worker": 1,
             "processes": True,
-            "dashboard_address": None,  # no web UI: nothing listens beyond the scheduler and its workers
+            # no web UI; the scheduler's own HTTP endpoint (health, metrics) cannot be turned off, so it takes a free
+            # loopback port instead of Dask's default 8787 (which `None` means)
+            "dashboard_address": "127.0.0.1:0",
+            "scheduler_kwargs": {"dashboard": False},
         },
     )
 

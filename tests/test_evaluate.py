@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -132,6 +133,17 @@ def test_trained_model_beats_uniform(stories):
     model, windows = stories
     ppl = perplexity(model, windows)
     assert 1.0 < ppl < model.config.vocab_size / 4  # a trained model is far better than uniform
+    # and the number is the model's: the same windows through an independent loss computation
+    with torch.no_grad():
+        logits = model(torch.as_tensor(windows)).logits
+    reference = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(),
+                                                  torch.as_tensor(windows)[:, 1:].reshape(-1))
+    assert abs(math.log(ppl) - reference.item()) <= 1e-6 * reference.item()
+    with torch.no_grad():  # scrambled weights (same shapes) lose the skill: the measure sees the difference
+        noisy = copy.deepcopy(model)
+        for p in noisy.parameters():
+            p.copy_(p[torch.randperm(p.shape[0], generator=torch.Generator().manual_seed(0))])
+    assert perplexity(noisy, windows) > 4 * ppl
 
 
 def test_accepts_tensor_and_numpy_alike(tiny, tiny_windows):

@@ -173,7 +173,15 @@ def test_relative_path_returns_absolute(tiny_dir, monkeypatch):
 
 def test_load_with_other_dtype(tiny_dir):
     model, _ = load_model_and_tokenizer(tiny_dir, dtype=torch.bfloat16)
-    assert next(model.parameters()).dtype == torch.bfloat16
+    full, _ = load_model_and_tokenizer(tiny_dir)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in full.parameters()} == {torch.float32}
+    for (name, p), (_, q) in zip(model.named_parameters(), full.named_parameters(), strict=True):
+        assert torch.equal(p, q.to(torch.bfloat16)), name  # the same weights, rounded once
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
+    with torch.no_grad():
+        low, high = model(ids).logits.float(), full(ids).logits
+    assert (low - high).abs().max().item() <= 0.05 * high.abs().max().item()  # bf16 precision, not another model
 
 
 def test_dir_with_only_pickle_weights_is_refused(tmp_path):

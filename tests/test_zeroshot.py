@@ -165,6 +165,7 @@ def _pruned_checkpoint(stories_dir: Path, out: Path) -> tuple[Path, int]:
 def test_pruned_checkpoint_evaluates_through_lm_eval_by_path(stories_dir, zeroshot_dir, tmp_path):
     ckpt, n_params = _pruned_checkpoint(stories_dir, tmp_path / "pruned")
     tasks = ["piqa", "winogrande", "arc_easy"]
+    # trust_remote_code stays off: this process registered the pruned classes, so no shipped code runs
     res = run_zeroshot_path(ckpt, tasks, data_dir=zeroshot_dir, limit=8, batch_size=16, device="cpu")
     assert res["model"]["params"] == n_params  # lm-eval loaded the pruned shapes
     assert res["model"]["class"].endswith("BonsaiLlamaForCausalLM")
