@@ -204,7 +204,10 @@ def _print_summary(s: dict) -> None:
             else ""
         )
         + f"  calibration perplexity:     {s['calib_ppl_before']:.3f} -> {s['calib_ppl_after']:.3f}\n"
-        f"  rounds: {s['rounds']}   forward tokens: {s['forward_tokens']:,}   wall time: {s['wall_seconds']:.1f} s\n"
+        f"  rounds: {s['rounds']}   forward tokens: {s['forward_tokens']:,}"
+        + (f" ({s['forward_tokens_computed']:,} computed now, the rest reused)"
+           if s.get("forward_tokens_computed", s["forward_tokens"]) != s["forward_tokens"] else "")
+        + f"   wall time: {s['wall_seconds']:.1f} s\n"
         f"  pruned model: {Path(s['out']).resolve()}"
     )
 
@@ -223,6 +226,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     work = Path(args.work_dir or f"{args.out}.work")
     check_output_dir(args.out, overwrite=args.overwrite)
     check_work_dir(work)
+    if cfg.method == "bonsai" and Path(cfg.model).is_dir():
+        from bonsai.selection import check_reachable_from_config
+
+        check_reachable_from_config(cfg.model, cfg.sparsity)  # an impossible target: refused before any work
     with _locked(work, args.resume) as fresh_work:
         from flows.prune import run_prune
 

@@ -13,17 +13,25 @@ with and without m = 8 are in benchmarks/results/eval_smollm2.json).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
 from bonsai.errors import BonsaiError
-from bonsai.units import MLP
+from bonsai.units import MLP, unit_table
 
 
-def removable_params(units: pd.DataFrame) -> int:
-    """Parameters freed if every unit (and so every module) went."""
-    per_module = units.groupby(["layer", "kind"]).agg(cost=("cost", "sum"), residual=("residual", "first"))
-    return int(per_module["cost"].sum() + per_module["residual"].sum())
+def removable_params(units: pd.DataFrame, protected: np.ndarray | None = None) -> int:
+    """Parameters freed if every unit (and so every module) went; `protected` units (bool per unit, e.g. massive
+    activations) stay, and so do the shared parameters of their modules."""
+    if protected is None:
+        protected = np.zeros(len(units), dtype=bool)
+    table = units.assign(cost=np.where(protected, 0, units["cost"]), kept=protected)
+    per_module = table.groupby(["layer", "kind"]).agg(
+        cost=("cost", "sum"), residual=("residual", "first"), kept=("kept", "any")
+    )
+    return int(per_module["cost"].sum() + per_module["residual"][~per_module["kept"]].sum())
 
 
 def round_budget(
@@ -41,8 +49,9 @@ def check_reachable(removable: int, removed_so_far: int, original_non_embedding:
     limit = (removed_so_far + removable) / original_non_embedding
     if round(target_sparsity * original_non_embedding) >= removed_so_far + removable:
         raise BonsaiError(
-            f"sparsity {target_sparsity:g} cannot be reached without removing every unit: attention groups "
-            f"and MLP channels hold {limit:.1%} of the non-embedding parameters (norms stay); "
+            f"sparsity {target_sparsity:g} cannot be reached without removing every prunable unit: attention "
+            f"groups and MLP channels (less any carrying massive activations, which stay) hold {limit:.1%} of the "
+            f"non-embedding parameters (norms stay); "
             f"choose a sparsity below {limit:.3f}"
         )
 
@@ -118,3 +127,23 @@ def select_removals(
         if removed >= budget:
             break
     return remove
+
+
+def check_reachable_from_config(model_dir: str | Path, target_sparsity: float) -> None:
+    """`check_reachable` from a model directory's config alone (a weightless model on the meta device), so an
+    impossible target is refused before anything is loaded or run. A pruned checkpoint is checked later, by the
+    first round, which reads its recorded shapes."""
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bonsai.architectures import non_embedding_params
+
+    model_dir = Path(model_dir)
+    config_file = model_dir / "config.json"
+    if not config_file.is_file() or "bonsai" in json.loads(config_file.read_text()):
+        return
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    check_reachable(removable_params(unit_table(model)), 0, non_embedding_params(model), target_sparsity)

@@ -94,7 +94,7 @@ def _prune(cfg: PruneConfig, out: str, work: Path, overwrite: bool) -> dict:
     if cfg.method != "bonsai":  # a one-shot method (bonsai/methods/): one task, the same checkpoint and summary
         return _one_shot(cfg, out, work, overwrite, model_ref, windows, base_record, started)
     ckpt, rounds, n0, tol, removed = model_ref, [], None, 0.0, 0
-    forward_tokens, calib_nll_before = 0, None
+    forward_tokens, computed_tokens, calib_nll_before = 0, 0, None
     n_shards = math.ceil(cfg.n_samples / cfg.shard_size)
     max_rounds = math.ceil(cfg.sparsity / cfg.p_iter) + 3
     bar = tqdm(total=math.ceil(cfg.sparsity / cfg.p_iter), desc="bonsai rounds", unit="round")
@@ -164,7 +164,10 @@ def _prune(cfg: PruneConfig, out: str, work: Path, overwrite: bool) -> dict:
         removed = n0 - summary["non_embedding_params"]
         # prior pass over every calibration window, sub-models over the first `sample_windows`, compensation
         # statistics and the check pass (shrink)
-        forward_tokens += sum(s["tokens"] for s in shard_refs) + prior_ref["tokens"] + summary["tokens"]
+        step_tokens = [(s["tokens"], s["reused"]) for s in shard_refs]
+        step_tokens += [(prior_ref["tokens"], prior_ref["reused"]), (summary["tokens"], new_ckpt["reused"])]
+        forward_tokens += sum(t for t, _ in step_tokens)
+        computed_tokens += sum(t for t, was_reused in step_tokens if not was_reused)
         create_markdown_artifact(
             _round_markdown(r, summary, n0), key=f"bonsai-round-{r}", description=f"Bonsai round {r}"
         )
@@ -190,7 +193,8 @@ def _prune(cfg: PruneConfig, out: str, work: Path, overwrite: bool) -> dict:
         "calib_ppl_before": math.exp(calib_nll_before),
         "calib_ppl_after": math.exp(final["calib_nll"]),
         "rounds": len(rounds),
-        "forward_tokens": forward_tokens,
+        "forward_tokens": forward_tokens,  # of the whole prune, whether this invocation computed them or reused
+        "forward_tokens_computed": computed_tokens,  # by this invocation (a resume reuses finished steps)
         "wall_seconds": time.time() - started,
     }
     return _publish(ckpt["path"], out, summary, "Bonsai", overwrite)

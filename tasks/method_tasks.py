@@ -31,6 +31,7 @@ def one_shot_task(ckpt: dict, windows: dict, config: dict, method_dir: str, reco
     with its `rounds` and `method_summary`."""
     path = Path(method_dir) / "checkpoint"
     sha = _reuse(path, f"{config['method']} checkpoint")
+    reused = sha is not None
     if sha is None:
         model, tokenizer, kept = load_for_pruning(ckpt["path"])  # a private copy: it is modified in place
         win = _windows(windows["path"], windows["sha256"])
@@ -100,7 +101,8 @@ def one_shot_task(ckpt: dict, windows: dict, config: dict, method_dir: str, reco
         )
         sha = record_artifact(path)
     rec = read_record(path)
-    return {"path": str(path), "sha256": sha, "rounds": rec["rounds"], "method_summary": rec["method_summary"],
+    return {"path": str(path), "sha256": sha, "reused": reused, "rounds": rec["rounds"],
+            "method_summary": rec["method_summary"],
             "method_details": rec.get("method_details", {})}
 
 
@@ -130,6 +132,7 @@ def one_shot_summary(ckpt: dict, target: float, source_model: str, out: str, sta
         "calib_ppl_after": math.exp(final["calib_nll"]),
         "rounds": len(ckpt["rounds"]),
         "forward_tokens": ms["forward_tokens"],
+        "forward_tokens_computed": 0 if ckpt["reused"] else ms["forward_tokens"],
         "wall_seconds": time.time() - started,
         "method": ms["method"],
         "sparsity_basis": ms["basis"],

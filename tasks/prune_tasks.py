@@ -103,6 +103,7 @@ def prior_task(
     """Step 1-2: activation statistics in one dense pass → prior per unit, this round's candidates."""
     path = Path(round_dir) / "prior.parquet"
     sha = _reuse(path, "prior table")
+    reused = sha is not None
     if sha is None:
         model, _, kept = _checkpoint(ckpt["path"], ckpt["sha256"])
         units = unit_table(model, kept)
@@ -118,12 +119,12 @@ def prior_task(
             "non_embedding_params": non_embedding_params(model),
             "total_params": total_params(model),
             "tokens": int(_windows(windows["path"], windows["sha256"]).size),
-            "removable_params": removable_params(units),
+            "removable_params": removable_params(units, units["massive"].to_numpy()),
             "min_unit_cost": int(units["cost"].min()),
         }
         sha = write_table(units, path, meta)
     _, meta = read_table(path)
-    return {"path": str(path), "sha256": sha, **meta}
+    return {"path": str(path), "sha256": sha, "reused": reused, **meta}
 
 
 @task(**TASK_OPTS)
@@ -282,6 +283,7 @@ def shrink_task(
     columns from every calibration window (bonsai.compensation); the check pass reads the scored windows."""
     path = Path(round_dir) / f"checkpoint-{budget}"
     sha = _reuse(path, "round checkpoint")
+    reused = sha is not None
     if sha is None:
         units, _ = read_table(importance_ref["path"])
         model, tokenizer, kept = _take_checkpoint(ckpt["path"], ckpt["sha256"])
@@ -316,4 +318,5 @@ def shrink_task(
         save_pruned(model, tokenizer, path, {**record, "rounds": rounds, "kept_units": new_kept})
         sha = record_artifact(path)
     rec = read_record(path)
-    return {"path": str(path), "sha256": sha, "round_summary": rec["rounds"][-1], "rounds": rec["rounds"]}
+    return {"path": str(path), "sha256": sha, "round_summary": rec["rounds"][-1], "rounds": rec["rounds"],
+            "reused": reused}

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from bonsai.artifacts import verified_sha
-from bonsai.checkpoint import WEIGHTS_FILE, sha256_file
+from bonsai.checkpoint import WEIGHTS_FILE, read_record, sha256_file
 
 # small knobs: 3 rounds of 16 one-sub-model shards on 8 windows × 64 tokens
 N_SAMPLES = 16
@@ -273,3 +273,6 @@ def test_fault_injection_every_artifact_kind(group, damage, stories_dir, tmp_pat
         assert verified_sha(artifact) is not None, kind
         assert list(artifact.parent.glob(f".{artifact.name}.corrupt-*")), f"{kind}: the damaged copy was not kept"
     assert sha256_file(out / WEIGHTS_FILE) == reference["sha"]
+    summary = read_record(out)["summary"]  # the whole prune's tokens, and what this resume computed of them
+    assert 0 < summary["forward_tokens_computed"] < summary["forward_tokens"]
+    assert f"({summary['forward_tokens_computed']:,} computed now, the rest reused)" in log
