@@ -13,7 +13,7 @@ from pathlib import Path
 from bonsai.config import METHODS, PRESETS, resolve_config
 from bonsai.errors import BonsaiError
 from bonsai.memory import cap_heap_growth
-from bonsai.workdir import WorkDirLock, check_output_dir, check_work_dir, holds_earlier_run
+from bonsai.workdir import RUN_DATABASE, WorkDirLock, check_output_dir, check_work_dir, holds_earlier_run
 
 KNOB_FLAGS = {  # flag -> (config key, type)
     "--prior": ("prior", str),
@@ -178,6 +178,25 @@ def _check_at_least(*checks: tuple[str, int | None, int]) -> None:
 
 
 @contextlib.contextmanager
+def _run_database_in(work: Path):
+    """A one-off run's temporary Prefect API keeps its database in the work directory instead of the shared
+    ~/.prefect/prefect.db, so concurrent runs of different prunes never wait on one SQLite file (each run holds its
+    work directory's lock). Only where the user configured neither an API nor a database (environment or profile);
+    Prefect reads it when first imported, which in a CLI process happens inside this block."""
+    keys = ("PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
+    profiles = Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect")) / "profiles.toml"
+    configured = profiles.is_file() and any(k in profiles.read_text(errors="replace") for k in keys)
+    if configured or any(os.environ.get(k) for k in keys):
+        yield
+        return
+    os.environ[keys[1]] = f"sqlite+aiosqlite:///{(work / RUN_DATABASE).absolute()}"
+    try:
+        yield
+    finally:
+        del os.environ[keys[1]]
+
+
+@contextlib.contextmanager
 def _locked(work: Path, resume: bool):
     """Hold the work directory's lock (taken before anything touches it); yields whether the run starts fresh.
     A directory holding an earlier run needs --resume."""
@@ -188,7 +207,8 @@ def _locked(work: Path, resume: bool):
         if not fresh and not resume:
             raise BonsaiError(f"work directory {work} holds an earlier run; pass --resume to continue it, "
                               f"or remove it")
-        yield fresh
+        with _run_database_in(work):
+            yield fresh
 
 
 def _print_summary(s: dict) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from bonsai.errors import BonsaiError
 
 LOCK_FILE = ".lock"
+RUN_DATABASE = "prefect.db"  # a one-off CLI run's Prefect database (bonsai/cli.py), with SQLite's -wal / -shm
 # Every file a checkpoint of this tool can hold (model, record, remote code, tokenizer, generation settings).
 CHECKPOINT_FILES = frozenset({
     "config.json", "model.safetensors", "pruning_record.json", "generation_config.json",
@@ -67,9 +68,11 @@ def check_work_dir(work: str | Path) -> None:
 
 
 def holds_earlier_run(work: str | Path) -> bool:
-    """Whether a work directory holds anything besides its lock file."""
+    """Whether a work directory holds anything besides its lock file and the run's Prefect database."""
     work = Path(work)
-    return work.is_dir() and any(p.name != LOCK_FILE for p in work.iterdir())
+    return work.is_dir() and any(
+        p.name != LOCK_FILE and not p.name.startswith(RUN_DATABASE) for p in work.iterdir()
+    )
 
 
 class WorkDirLock:

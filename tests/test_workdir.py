@@ -122,3 +122,16 @@ def test_second_prune_on_a_work_dir_in_use_stops_at_once_and_a_dead_holders_lock
         holder.wait()
     assert main(_prune_args(stories_dir, out)) == 0  # the killed holder's lock is taken over
     assert (out / "model.safetensors").is_file()
+
+
+def test_concurrent_prunes_of_different_work_dirs_use_their_own_prefect_database(tmp_path, stories_dir):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # one shared home, as two runs of one user share it
+    outs = [tmp_path / f"out{i}" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-m", "bonsai.cli", *_prune_args(stories_dir, out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for out in outs]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    for proc, out, log in zip(procs, outs, logs, strict=True):
+        assert proc.returncode == 0, log[-3000:]
+        assert (Path(f"{out}.work") / "prefect.db").is_file()  # not the shared home's database
+    assert not (tmp_path / "prefect-home" / "prefect.db").exists()
