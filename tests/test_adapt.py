@@ -18,6 +18,7 @@ import bonsai.adapt as adapt_module
 from bonsai.adapt import (
     ADAPTER_FILE,
     OPTIMIZER_FILE,
+    STATE_FILE,
     AdaptConfig,
     attach_lora,
     batch_indices,
@@ -200,6 +201,42 @@ def test_interrupted_training_resumes_bitwise(adapted, pruned, stories_dir, tmp_
             tmp_path / "whole",
             progress=False,
         )
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def test_fault_injection_every_file_of_an_adapt_state(adapted, pruned, stories_dir, tmp_path):
+    """Each file of the newest state (adapter, optimizer, state.json) truncated or with one byte flipped: the state
+    is skipped for the one before it and training resumes from there to exactly the uninterrupted run's weights."""
+    cfg = AdaptConfig(steps=4, save_every=2, rank=8, alpha=32, lr=1e-3, seq_len=64, batch_size=4, n_windows=16)
+    teacher = load_for_pruning(stories_dir)[0]
+    windows = _train_windows(adapted)
+
+    def run(state_dir: Path) -> dict:
+        return train_adapter(
+            attach_lora(load_for_pruning(pruned)[0], cfg), teacher, windows, cfg, state_dir, progress=False
+        )
+
+    whole = run(tmp_path / "whole")
+    reference = load_file(Path(whole["state"]) / ADAPTER_FILE)
+    for name in (ADAPTER_FILE, OPTIMIZER_FILE, STATE_FILE):
+        for damage in (_truncate, _flip):
+            states = tmp_path / f"{name}-{damage.__name__}"
+            shutil.copytree(tmp_path / "whole", states)
+            damage(states / Path(whole["state"]).name / name)
+            assert latest_state(states).name.endswith("00000002"), (name, damage.__name__)
+            resumed = run(states)
+            assert resumed["resumed_from"] == 2 and resumed["losses"] == whole["losses"], (name, damage.__name__)
+            got = load_file(Path(resumed["state"]) / ADAPTER_FILE)
+            assert all(torch.equal(got[k], reference[k]) for k in reference), (name, damage.__name__)
 
 
 def test_batch_order_is_seeded_and_covers_every_window():
