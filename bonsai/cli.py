@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     for flag, (_, typ) in KNOB_FLAGS.items():
         pr.add_argument(flag, type=typ, default=None)
+    ex = sub.add_parser("export", help="write a pruned (or dense) checkpoint as a GGUF file for llama.cpp")
+    ex.add_argument("--format", choices=["gguf"], default="gguf")
+    ex.add_argument("--model", required=True, help="a pruned checkpoint or a supported Hugging Face model directory")
+    ex.add_argument("--out", required=True, help="the .gguf file to write")
+    ex.add_argument("--quant", default="f16", help="weight type: f32, f16 (default) or q8_0")
     ev = sub.add_parser("eval", help="perplexity (and KL / top-1 agreement to a reference) of a model")
     ev.add_argument("--model", required=True)
     ev.add_argument("--data", default="self", help="self, a local text file, or hf:NAME[:CFG][@SPLIT]")
@@ -228,7 +233,8 @@ def _print_summary(s: dict) -> None:
         + (f" ({s['forward_tokens_computed']:,} computed now, the rest reused)"
            if s.get("forward_tokens_computed", s["forward_tokens"]) != s["forward_tokens"] else "")
         + f"   wall time: {s['wall_seconds']:.1f} s\n"
-        f"  pruned model: {Path(s['out']).resolve()}"
+        f"  pruned model: {Path(s['out']).resolve()}\n"
+        f"  for llama.cpp: bonsai export --model {s['out']} --out {Path(s['out']).name}.gguf --quant q8_0"
     )
 
 
@@ -410,7 +416,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "adapt": cmd_adapt, "compare": cmd_compare}
+def cmd_export(args: argparse.Namespace) -> int:
+    from bonsai.export import export_gguf
+
+    out = export_gguf(args.model, args.out, quant=args.quant)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.quant}); run it with llama.cpp, e.g. "
+          f"llama-cli -m {out} -p 'Once upon a time'")
+    return 0
+
+
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "adapt": cmd_adapt, "compare": cmd_compare, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

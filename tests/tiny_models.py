@@ -50,12 +50,14 @@ def tiny_biased_llama(seed: int = 0):
 
 
 def tiny_tokenizer(vocab_size: int = COMMON["vocab_size"]):
-    """A word-level fast tokenizer over `vocab_size` ids ("<unk>", "<s>", "</s>", then w3, w4, ...), built offline;
-    it has a BOS token but does not add it (like GPT-2-style tokenizers)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A byte-level BPE fast tokenizer over `vocab_size` ids ("<unk>", "<s>", "</s>", then single characters), no
+    merges, built offline; it has a BOS token but does not add it (like GPT-2-style tokenizers)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = ["<unk>", "<s>", "</s>", *(f"w{i}" for i in range(3, vocab_size))]
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    words = ["<unk>", "<s>", "</s>", *sorted(alphabet)[: vocab_size - 3]]
+    tk = Tokenizer(models.BPE({w: i for i, w in enumerate(words)}, [], unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
