@@ -167,16 +167,35 @@ def _validate_model_dir(path: Path, *, label: str | None = None) -> Path:
 
 
 def _load_gguf(gguf_path: Path) -> tuple[Any, Any]:
-    """Dequantise a GGUF file to an fp32 transformers model, and its tokenizer."""
+    """Dequantise a GGUF file to an fp32 transformers model, and its tokenizer (a file of `bonsai export`: the
+    model rebuilt from the config it carries)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory, name = str(gguf_path.parent), gguf_path.name
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+        model = _exported_model(gguf_path)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
     except Exception as exc:  # a malformed or unsupported file fails in many ways (struct.error, ...)
         raise BonsaiError(f"cannot load GGUF file {gguf_path}: {_one_line(exc)}") from exc
     return model, tokenizer
+
+
+def _exported_model(gguf_path: Path) -> Any:
+    """A GGUF file written by `bonsai export` carries its checkpoint's config: the model rebuilt from it exactly
+    (transformers' GGUF loader maps only some config fields and fills the rest with defaults), else None."""
+    import gguf
+
+    from bonsai.export import CONFIG_KEY, read_gguf
+
+    if CONFIG_KEY not in gguf.GGUFReader(str(gguf_path)).fields:
+        return None
+    model = read_gguf(gguf_path)
+    if "bonsai" in model.config.to_dict():
+        raise BonsaiError(f"{gguf_path} holds a pruned model: use the pruned checkpoint directory it was exported "
+                          f"from as --model")
+    return model
 
 
 def _plain_copy(model: Any) -> Any:

@@ -99,3 +99,19 @@ def test_cli_export_and_its_one_line_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("bonsai: error: unknown quantisation") and "\n" not in err
     assert not (tmp_path / "q.gguf").exists()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_project_loader_reads_its_own_dense_export_exactly(family, tmp_path, monkeypatch):
+    """Conformance (a), GGUF: the project's loader rebuilds every family from the config the export embeds, so a
+    dense tiny model comes back with its own logits even where transformers' GGUF loader would not."""
+    from bonsai.sources import load_model_and_tokenizer, resolve_model_source
+
+    monkeypatch.setenv("BONSAI_CACHE", str(tmp_path / "cache"))
+    model = tiny_model(family)
+    model.save_pretrained(tmp_path / family)
+    tiny_tokenizer().save_pretrained(tmp_path / family)
+    f = export_gguf(tmp_path / family, tmp_path / f"{family}.gguf", quant="f32")
+    ours, tokenizer = load_model_and_tokenizer(resolve_model_source(str(f)))
+    assert tokenizer is not None
+    assert (_logits(ours) - _logits(model)).abs().max().item() <= 1e-5 * _logits(model).abs().max().item()
