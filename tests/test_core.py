@@ -246,9 +246,30 @@ def test_channel_multiple_keeps_mlp_widths_aligned(multiple):
 
 
 def test_unreachable_target_is_refused():
-    with pytest.raises(BonsaiError, match="cannot be reached without removing every unit"):
+    with pytest.raises(BonsaiError, match="cannot be reached without removing every prunable unit"):
         check_reachable(removable=900, removed_so_far=0, original_non_embedding=1000, target_sparsity=0.95)
     check_reachable(removable=900, removed_so_far=0, original_non_embedding=1000, target_sparsity=0.5)
+
+
+def test_units_carrying_massive_activations_stay_out_of_the_removable_total():
+    from bonsai.selection import removable_params
+
+    units = unit_table(tiny_model("llama"))
+    everything = removable_params(units)
+    assert everything == int(units.cost.sum()) + int(units.groupby(["layer", "kind"]).residual.first().sum())
+    protected = np.zeros(len(units), dtype=bool)
+    first_mlp = units[(units.layer == 0) & (units.kind == MLP)]
+    protected[first_mlp.unit.iloc[0]] = True  # one channel stays: its cost and its module's residual stay too
+    assert removable_params(units, protected) == everything - int(first_mlp.cost.iloc[0] + first_mlp.residual.iloc[0])
+
+
+def test_impossible_target_is_refused_from_the_config_before_any_work(tmp_path):
+    from bonsai.selection import check_reachable_from_config
+
+    tiny_model("qwen2").save_pretrained(tmp_path / "m")
+    check_reachable_from_config(tmp_path / "m", 0.9)
+    with pytest.raises(BonsaiError, match="cannot be reached"):
+        check_reachable_from_config(tmp_path / "m", 0.9999)
 
 
 def test_save_is_deterministic(tmp_path):
