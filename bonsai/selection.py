@@ -138,12 +138,14 @@ def check_reachable_from_config(model_dir: str | Path, target_sparsity: float) -
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from bonsai.architectures import non_embedding_params
+    from bonsai.architectures import family_of, non_embedding_params
 
     model_dir = Path(model_dir)
     config_file = model_dir / "config.json"
     if not config_file.is_file() or "bonsai" in json.loads(config_file.read_text()):
         return
+    config = AutoConfig.from_pretrained(model_dir)
+    family_of(config)  # an unsupported architecture: its own one-line error, before any shape is read
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+        model = AutoModelForCausalLM.from_config(config)
     check_reachable(removable_params(unit_table(model)), 0, non_embedding_params(model), target_sparsity)

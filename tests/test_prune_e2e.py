@@ -187,7 +187,7 @@ def test_errors_leave_no_output(tmp_path, capsys, stories_dir):
     _fails(
         ["prune", "--model", str(stories_dir), "--sparsity", "0.998", "--out", str(out)],
         capsys,
-        "cannot be reached without removing every unit",
+        "cannot be reached without removing every prunable unit",
     )
     assert not out.exists() and not Path(f"{out}.work").exists()
 
