@@ -23,8 +23,8 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 NAME = "bonsai-prune-served"  # prefect.yaml's deployment is bonsai-prune-nightly; different names never collide
 CRON = "0 2 * * *"
 # The same defaults as prefect.yaml's bonsai-prune-nightly (tests/test_deployment.py keeps them in sync).
-# `config` is a JSON object that Prefect validates into a bonsai.config.PruneConfig; knobs left out take the
-# PruneConfig field defaults (the `fast` values) — `preset` does not fill them in (see docs/operations.md).
+# `config` is a JSON object that Prefect validates into a bonsai.config.PruneConfig; knobs left out take the values
+# of its `preset`, as the CLI's --preset does (see docs/operations.md).
 PARAMETERS: dict[str, Any] = {
     "config": {"model": "smollm2-135m", "sparsity": 0.5, "preset": "fast"},
     "out": "data/scheduled/pruned",

@@ -94,7 +94,7 @@ def prior_task(
     ckpt: dict,
     windows: dict,
     prior: str,
-    p_iter: float,
+    p_round: float,
     batch_size: int,
     seed: int,
     round_dir: str,
@@ -111,7 +111,7 @@ def prior_task(
         scored = sample_windows or len(nll)
         units["prior"] = unit_prior(model, units, prior, stats=stats, seed=seed)
         units["massive"] = massive_units(model, units, stats)
-        units["candidate"] = candidate_mask(units, units["prior"].to_numpy(), p_iter, units["massive"].to_numpy())
+        units["candidate"] = candidate_mask(units, units["prior"].to_numpy(), p_round, units["massive"].to_numpy())
         meta = {
             "dense_nll": float(nll.mean()),
             # the windows sub-models are scored on (and the check pass after the round reads)
@@ -129,7 +129,7 @@ def prior_task(
 
 @task(**TASK_OPTS)
 def sample_task(
-    prior_ref: dict, p_iter: float, n_samples: int, seed: int, round_dir: str, module_share: str = "fixed"
+    prior_ref: dict, p_round: float, n_samples: int, seed: int, round_dir: str, module_share: str = "fixed"
 ) -> dict:
     """Step 3: antithetic sub-model masks, one row per sub-model (packed keep-bitmap over all units)."""
     path = Path(round_dir) / "masks.parquet"
@@ -137,7 +137,7 @@ def sample_task(
     if sha is None:
         units, _ = read_table(prior_ref["path"])
         keep = sample_masks(
-            units, units["prior"].to_numpy(), units["candidate"].to_numpy(), p_iter, n_samples, seed, module_share
+            units, units["prior"].to_numpy(), units["candidate"].to_numpy(), p_round, n_samples, seed, module_share
         )
         table = pd.DataFrame(
             {
