@@ -9,8 +9,8 @@ Each is the median of --repeats runs. The rows are merged into --out under --lab
 names the checkout whose CLI is measured (default: this one), so one script gives the before/after table, every
 row with the commit it measured.
 
-    git worktree add /tmp/before 05120ac
-    python benchmarks/cli_latency.py --label before --code /tmp/before
+    git worktree add ../before 05120ac
+    python benchmarks/cli_latency.py --label before --code ../before
     python benchmarks/cli_latency.py --label after
 """
 
@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, SHARED, bonsai_cmd, provenance, write_result
+from common import REPO, SHARED, bonsai_cmd, provenance, rel, write_result
 
 STORIES = SHARED / "assets/models/stories260K"
 FIRST_ROUND = "bonsai rounds"
@@ -81,12 +81,17 @@ def main() -> None:
         (busy / "someone_elses_file.txt").write_text("x")
         prune = ["prune", "--model", str(STORIES), "--sparsity", "0.2", "--calib-windows", "4", "--calib-seq-len",
                  "64", "--heldout-windows", "0"]
+
+        def shown(cmd: list[str]) -> str:  # as recorded: paths relative to the repository, the scratch dir named
+            return " ".join(rel(a) if a.startswith(str(SHARED)) else a.replace(str(scratch), "SCRATCH")
+                            for a in cmd[1:])
+
         help_cmd = bonsai_cmd("prune", "--help")
         refused_cmd = bonsai_cmd(*prune, "--out", str(busy))
         rows: dict[str, dict] = {}
         for name, cmd in (("prune_help", help_cmd), ("refused_non_empty_out", refused_cmd)):
             runs = [_timed(cmd) for _ in range(args.repeats)]
-            rows[name] = {"command": " ".join(cmd[1:]), "seconds": statistics.median(r[0] for r in runs),
+            rows[name] = {"command": shown(cmd), "seconds": statistics.median(r[0] for r in runs),
                           "exit_code": runs[0][1], "message": runs[0][2]}
         startup = []
         for i in range(args.repeats):
@@ -94,7 +99,7 @@ def main() -> None:
             startup.append(_until_first_round(bonsai_cmd(*prune, "--out", str(out))))
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(f"{out}.work", ignore_errors=True)
-        rows["startup_before_first_round"] = {"command": " ".join(bonsai_cmd(*prune, "--out", "OUT")[1:]),
+        rows["startup_before_first_round"] = {"command": shown(bonsai_cmd(*prune, "--out", "OUT")),
                                               "seconds": statistics.median(startup), "all_seconds": startup}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -71,6 +71,19 @@ def _rope_unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _to_gguf_layout(stock: str, hf_name: str, t: torch.Tensor, plan: list[dict], reverse: bool = False):
+    """A tensor in llama.cpp's layout (or back from it, `reverse`): q/k rows in the rotary pairs of the Llama
+    architecture, Gemma's norms with their +1."""
+    layer = int(hf_name.split(".")[2]) if hf_name.startswith("model.layers.") else None
+    heads = ("n_head" if ".q_proj." in hf_name else "n_head_kv") if hf_name.endswith(
+        ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")) else None
+    if stock in ROPE_PERMUTED and heads:
+        t = (_rope_unpermute if reverse else _rope_permute)(t, plan[layer][heads])
+    if "norm" in hf_name and stock in NORM_SHIFT:
+        t = t - NORM_SHIFT[stock] if reverse else t + NORM_SHIFT[stock]
+    return t
+
+
 def _layer_plan(model: nn.Module) -> list[dict[str, int]]:
     """Per layer: query heads, KV heads and MLP channels as written (an emptied module as its smallest stand-in)."""
     cfg = model.config
@@ -226,14 +239,7 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, *, quant: str = "f1
             name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if name is None:
                 raise BonsaiError(f"no GGUF name for tensor {hf_name} of a {stock} model")
-            layer = int(hf_name.split(".")[2]) if hf_name.startswith("model.layers.") else None
-            if stock in ROPE_PERMUTED and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-                tensor = _rope_permute(tensor, plan[layer]["n_head"])
-            elif stock in ROPE_PERMUTED and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-                tensor = _rope_permute(tensor, plan[layer]["n_head_kv"])
-            if "norm" in hf_name and stock in NORM_SHIFT:
-                tensor = tensor + NORM_SHIFT[stock]
-            data, qtype = _to_numpy(tensor, quant, gguf)
+            data, qtype = _to_numpy(_to_gguf_layout(stock, hf_name, tensor, plan), quant, gguf)
             writer.add_tensor(name, data, raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -322,14 +328,7 @@ def read_gguf(path: str | Path) -> nn.Module:
             name = names.get_name("model.embed_tokens.weight", try_suffixes=(".weight",))
         t = tensors[name]
         data = torch.from_numpy(np.array(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32))
-        data = data.reshape(own.shape)
-        layer = int(hf_name.split(".")[2]) if hf_name.startswith("model.layers.") else None
-        if stock in ROPE_PERMUTED and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-            data = _rope_unpermute(data, plan[layer]["n_head"])
-        elif stock in ROPE_PERMUTED and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-            data = _rope_unpermute(data, plan[layer]["n_head_kv"])
-        if "norm" in hf_name and stock in NORM_SHIFT:
-            data = data - NORM_SHIFT[stock]
+        data = _to_gguf_layout(stock, hf_name, data.reshape(own.shape), plan, reverse=True)
         state[hf_name] = data.to(own.dtype)
     model.load_state_dict(state, strict=True)
     return model.eval()

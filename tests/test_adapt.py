@@ -153,17 +153,24 @@ def test_cli_resume_continues_at_saved_step(adapted, pruned, capsys):
     assert a["eval"]["ppl_before"] == read_record(adapted)["adaptation"]["eval"]["ppl_before"]
 
 
+def _trainer(pruned, teacher, windows, cfg):
+    """Train fresh adapters on the pruned model into (or on from) a state directory."""
+
+    def run(state_dir: Path) -> dict:
+        return train_adapter(
+            attach_lora(load_for_pruning(pruned)[0], cfg), teacher, windows, cfg, state_dir, progress=False
+        )
+
+    return run
+
+
 def test_interrupted_training_resumes_bitwise(adapted, pruned, stories_dir, tmp_path, monkeypatch):
     """Killed during step 5 of 6 (states every 2 steps): the rerun starts at step 4 and ends with exactly the
     weights and optimizer state of an uninterrupted run."""
     cfg = AdaptConfig(steps=6, save_every=2, rank=8, alpha=32, lr=1e-3, seq_len=64, batch_size=4, n_windows=16)
     teacher = load_for_pruning(stories_dir)[0]
     windows = _train_windows(adapted)
-
-    def run(state_dir: Path) -> dict:
-        return train_adapter(
-            attach_lora(load_for_pruning(pruned)[0], cfg), teacher, windows, cfg, state_dir, progress=False
-        )
+    run = _trainer(pruned, teacher, windows, cfg)
 
     whole = run(tmp_path / "whole")
     assert whole["resumed_from"] == 0 and whole["step"] == 6
@@ -217,13 +224,7 @@ def test_fault_injection_every_file_of_an_adapt_state(adapted, pruned, stories_d
     """Each file of the newest state (adapter, optimizer, state.json) truncated or with one byte flipped: the state
     is skipped for the one before it and training resumes from there to exactly the uninterrupted run's weights."""
     cfg = AdaptConfig(steps=4, save_every=2, rank=8, alpha=32, lr=1e-3, seq_len=64, batch_size=4, n_windows=16)
-    teacher = load_for_pruning(stories_dir)[0]
-    windows = _train_windows(adapted)
-
-    def run(state_dir: Path) -> dict:
-        return train_adapter(
-            attach_lora(load_for_pruning(pruned)[0], cfg), teacher, windows, cfg, state_dir, progress=False
-        )
+    run = _trainer(pruned, load_for_pruning(stories_dir)[0], _train_windows(adapted), cfg)
 
     whole = run(tmp_path / "whole")
     reference = load_file(Path(whole["state"]) / ADAPTER_FILE)
