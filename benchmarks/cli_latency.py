@@ -92,7 +92,7 @@ def main() -> None:
         for name, cmd in (("prune_help", help_cmd), ("refused_non_empty_out", refused_cmd)):
             runs = [_timed(cmd) for _ in range(args.repeats)]
             rows[name] = {"command": shown(cmd), "seconds": statistics.median(r[0] for r in runs),
-                          "exit_code": runs[0][1], "message": runs[0][2]}
+                          "exit_code": runs[0][1], "message": [m.replace(str(scratch), "SCRATCH") for m in runs[0][2]]}
         startup = []
         for i in range(args.repeats):
             out = scratch / f"run{i}"
